@@ -54,7 +54,7 @@ def format_duration(seconds: float) -> str:
     """``75.2`` → ``1m15s``; sub-second values in milliseconds."""
     if seconds < 1:
         return f"{seconds * 1000:.0f}ms"
-    whole = int(round(seconds))
+    whole = round(seconds)
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:

@@ -1,0 +1,281 @@
+"""HTTP routes: REST for people and tools, one WebSocket per agent. All on one HTTPS port.
+
+Identity comes only from the verified client certificate (see peer_cert.py). ``/healthz`` and
+the token-authenticated ``/v1/join`` are the only routes that answer without one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import TypeAdapter, ValidationError
+
+from planetary_mesh import __version__
+from planetary_mesh.coordinator.peer_cert import peer_cert_der
+from planetary_mesh.coordinator.service import CoordinatorService
+from planetary_mesh.core.model import Job, Node, Task
+from planetary_mesh.core.states import TaskState
+from planetary_mesh.errors import (
+    MeshError,
+    NotFound,
+    RequestRejected,
+    TrustError,
+)
+from planetary_mesh.pki import certs
+from planetary_mesh.protocol import (
+    MAX_REQUEST_BYTES,
+    AgentMessage,
+    AttemptInfo,
+    Heartbeat,
+    Hello,
+    JobInfo,
+    JobSubmit,
+    JoinRequest,
+    JoinResponse,
+    LogChunk,
+    NodeInfo,
+    OutputFile,
+    Report,
+    TaskInfo,
+    TokenCreate,
+)
+
+log = logging.getLogger(__name__)
+_agent_messages: TypeAdapter[Hello | Report | Heartbeat] = TypeAdapter(AgentMessage)
+_OPEN_PATHS = ("/healthz", "/v1/join")
+
+
+def create_app(service: CoordinatorService) -> FastAPI:
+    app = FastAPI(title="Planetary Mesh", version=__version__, docs_url=None, redoc_url=None)
+    app.state.service = service
+
+    @app.middleware("http")
+    async def require_certificate(request: Request, call_next: Any) -> Any:
+        if request.url.path not in _OPEN_PATHS and peer_cert_der(request.scope) is None:
+            return _error(401, "a client certificate is required: pass --config with a client.toml")
+        length = request.headers.get("content-length")
+        if length and (not length.isdigit() or int(length) > MAX_REQUEST_BYTES):
+            return _error(413, f"request body over {MAX_REQUEST_BYTES} bytes")
+        return await call_next(request)
+
+    @app.exception_handler(MeshError)
+    async def mesh_error(_: Request, exc: MeshError) -> JSONResponse:
+        if isinstance(exc, NotFound):
+            return _error(404, str(exc))
+        if isinstance(exc, RequestRejected):
+            return _error(exc.status, str(exc))
+        if isinstance(exc, TrustError):
+            return _error(403, str(exc))
+        return _error(400, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}"
+            for err in exc.errors()[:5]
+        )
+        return _error(422, f"invalid request: {problems}")
+
+    def identity(request: Request) -> certs.Identity:
+        der = peer_cert_der(request.scope)
+        assert der is not None  # the middleware refused requests without one
+        return certs.identity_of_der(der)
+
+    def user(who: Annotated[certs.Identity, Depends(identity)]) -> certs.Identity:
+        if who.kind is not certs.PeerKind.USER:
+            raise RequestRejected("this endpoint is for users; agents may not call it", 403)
+        return who
+
+    def admin(who: Annotated[certs.Identity, Depends(user)]) -> certs.Identity:
+        if not who.admin:
+            raise RequestRejected("only an admin may do this", 403)
+        return who
+
+    User = Annotated[certs.Identity, Depends(user)]
+    Admin = Annotated[certs.Identity, Depends(admin)]
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/v1/join")
+    async def join_ca() -> dict[str, str]:
+        """The CA certificate, for an agent to check against its token's pin before joining."""
+        return {"ca": certs.cert_to_pem(service.ca_cert).decode()}
+
+    @app.post("/v1/join")
+    async def join(body: JoinRequest) -> JoinResponse:
+        return service.join(body)
+
+    @app.post("/v1/tokens")
+    async def create_token(body: TokenCreate, _: Admin) -> dict[str, str]:
+        return {"token": service.create_token(body.ttl, body.uses)}
+
+    @app.post("/v1/jobs", status_code=201)
+    async def submit(body: JobSubmit, who: User) -> JobInfo:
+        return _job_info(service.submit(who.name, body))
+
+    @app.get("/v1/jobs")
+    async def jobs(_: User, limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[JobInfo]:
+        return [_job_info(job) for job in service.store.jobs(limit)]
+
+    @app.get("/v1/jobs/{job_id}")
+    async def job(job_id: str, _: User) -> JobInfo:
+        found = service.job(job_id)
+        return _job_info(found, service.store.tasks(job_id))
+
+    @app.post("/v1/jobs/{job_id}/cancel")
+    async def cancel(job_id: str, who: User) -> JobInfo:
+        return _job_info(service.cancel(job_id, who.name))
+
+    @app.get("/v1/jobs/{job_id}/tasks/{index}/logs")
+    async def logs(
+        job_id: str,
+        index: int,
+        _: User,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        attempt: Annotated[int | None, Query(ge=1)] = None,
+    ) -> LogChunk:
+        return service.logs(job_id, index, offset, attempt)
+
+    @app.get("/v1/jobs/{job_id}/tasks/{index}/outputs")
+    async def outputs(job_id: str, index: int, _: User) -> list[OutputFile]:
+        task_id, _attempt = service.task_id(job_id, index)
+        return [
+            OutputFile(name=name, data=base64.b64encode(data).decode())
+            for name, data in service.store.outputs(task_id).items()
+        ]
+
+    @app.get("/v1/jobs/{job_id}/tasks/{index}/attempts")
+    async def attempts(job_id: str, index: int, _: User) -> list[AttemptInfo]:
+        task_id, _attempt = service.task_id(job_id, index)
+        return [
+            AttemptInfo(
+                attempt=a.number,
+                node=a.node_id,
+                state=a.state.value,
+                exit_code=a.exit_code,
+                reason=a.reason,
+                assigned_at=a.assigned_at,
+                started_at=a.started_at,
+                ended_at=a.ended_at,
+            )
+            for a in service.store.attempts(task_id)
+        ]
+
+    @app.get("/v1/nodes")
+    async def nodes(_: User) -> list[NodeInfo]:
+        return [_node_info(node) for node in service.store.nodes()]
+
+    @app.websocket("/v1/agent/session")
+    async def agent_session(websocket: WebSocket) -> None:
+        await _serve_agent(service, websocket)
+
+    return app
+
+
+async def _serve_agent(service: CoordinatorService, websocket: WebSocket) -> None:
+    der = peer_cert_der(websocket.scope)
+    try:
+        if der is None:
+            raise TrustError("an agent session needs the agent's client certificate")
+        node_id = service.check_peer_is_node(certs.identity_of_der(der))
+    except TrustError as exc:
+        await websocket.close(code=4403, reason=str(exc)[:120])
+        return
+    await websocket.accept()
+    try:
+        hello = _agent_messages.validate_json(await websocket.receive_text())
+    except (ValidationError, WebSocketDisconnect):
+        await websocket.close(code=4400, reason="the first message must be a valid hello")
+        return
+    if not isinstance(hello, Hello):
+        await websocket.close(code=4400, reason="the first message must be a hello")
+        return
+    session = service.agent_connected(node_id, hello)
+    writer = asyncio.create_task(_pump(session.outbox, websocket))
+    try:
+        while True:
+            message = _agent_messages.validate_json(await websocket.receive_text())
+            if session.closed:
+                break  # a newer session of the same node replaced this one
+            if isinstance(message, Report):
+                service.agent_report(session, message)
+    except WebSocketDisconnect:
+        pass
+    except ValidationError as exc:
+        log.warning("node %s sent an invalid message: %s", node_id, exc)
+    finally:
+        writer.cancel()
+        service.agent_disconnected(session)
+        with contextlib.suppress(RuntimeError):  # already closed
+            await websocket.close()
+
+
+async def _pump(outbox: asyncio.Queue[dict[str, Any]], websocket: WebSocket) -> None:
+    while True:
+        message = await outbox.get()
+        await websocket.send_text(json.dumps(message, separators=(",", ":")))
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _job_info(job: Job, tasks: list[Task] | None = None) -> JobInfo:
+    counts = {state.value: job.counts.get(state, 0) for state in TaskState}
+    return JobInfo(
+        id=job.id,
+        name=job.spec.name,
+        owner=job.owner,
+        state=job.state.value,
+        created_at=job.created_at,
+        argv=list(job.spec.argv),
+        cpus=job.spec.cpus,
+        memory=job.spec.memory,
+        timeout=job.spec.timeout,
+        retries=job.spec.retries,
+        priority=job.spec.priority,
+        files=list(job.file_names),
+        outputs=list(job.spec.outputs),
+        cancelled_by=job.cancelled_by,
+        tasks={"total": job.spec.count, **counts},
+        task_list=None if tasks is None else [_task_info(t) for t in tasks],
+    )
+
+
+def _task_info(task: Task) -> TaskInfo:
+    return TaskInfo(
+        index=task.index,
+        state=task.state.value,
+        node=task.node_id,
+        exit_code=task.exit_code,
+        reason=task.reason,
+        attempts=task.attempt,
+        started_at=task.started_at,
+        ended_at=task.ended_at,
+    )
+
+
+def _node_info(node: Node) -> NodeInfo:
+    return NodeInfo(
+        id=node.id,
+        name=node.name,
+        state=node.state.value,
+        cpus=node.cpus,
+        memory=node.memory,
+        used_cpus=node.used_cpus,
+        used_memory=node.used_memory,
+        running=node.running,
+        sandbox=node.sandbox,
+        version=node.version,
+        last_seen=node.last_seen,
+    )

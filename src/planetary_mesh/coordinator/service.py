@@ -1,0 +1,336 @@
+"""The one place where logic meets I/O: load a view, ask the pure core, commit, then notify.
+
+Everything runs on the coordinator's event loop; the store is called synchronously, so each
+method below is atomic with respect to the others. Nothing is sent to an agent before the
+transition it reflects is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import timedelta
+from typing import Any
+
+from cryptography import x509
+
+from planetary_mesh import __version__
+from planetary_mesh.coordinator.sessions import AgentSession
+from planetary_mesh.core.model import Assignment, Job, JobSpec
+from planetary_mesh.core.scheduler import NodeCapacity, plan_placements
+from planetary_mesh.core.states import NodeState, TaskState
+from planetary_mesh.errors import NotFound, RequestRejected, TokenError, TrustError
+from planetary_mesh.pki import certs, tokens
+from planetary_mesh.protocol import (
+    MAX_OUTPUT_BYTES,
+    Ended,
+    Hello,
+    JobSubmit,
+    JoinRequest,
+    JoinResponse,
+    Log,
+    LogChunk,
+    Report,
+    Started,
+)
+from planetary_mesh.store.sqlite import SQLiteStore
+
+log = logging.getLogger(__name__)
+
+# How many queued tasks one scheduling round looks at; the round repeats while it fills up.
+SCHEDULE_BATCH = 4096
+# Ends that are the task's own doing count against its retries; the rest requeue it for free.
+_COUNTS_AGAINST_RETRIES = {"exited", "signalled", "timeout", "sandbox_error"}
+
+
+class CoordinatorService:
+    def __init__(
+        self,
+        store: SQLiteStore,
+        ca_cert: x509.Certificate,
+        ca_key: certs.PrivateKey,
+        *,
+        node_cert_lifetime: timedelta = timedelta(hours=24),
+        heartbeat_interval: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.ca_cert = ca_cert
+        self.ca_key = ca_key
+        self.ca_hash = certs.ca_fingerprint(ca_cert)
+        self.node_cert_lifetime = node_cert_lifetime
+        self.heartbeat_interval = heartbeat_interval
+        self.clock = clock
+        self.sessions: dict[str, AgentSession] = {}
+        self._kick = asyncio.Event()
+        # After a restart no session is up yet: every node waits to reconnect.
+        store.mark_nodes(NodeState.READY, NodeState.SUSPECT)
+
+    # -- tokens and joining -----------------------------------------------------------------
+
+    def create_token(self, ttl: float, uses: int | None) -> str:
+        token = tokens.new_join_token(self.ca_hash)
+        now = self.clock()
+        token_id = secrets.token_hex(4)
+        self.store.add_token(token_id, tokens.hash_secret(token.secret), now + ttl, uses, now)
+        return str(token)
+
+    def join(self, request: JoinRequest) -> JoinResponse:
+        token = tokens.parse_join_token(request.token)
+        if token.ca_hash != self.ca_hash:
+            raise TokenError(
+                "this join token belongs to another mesh (its CA hash does not match this "
+                "coordinator's): create a token on this coordinator with `mesh token create`"
+            )
+        problem = self.store.consume_token(tokens.hash_secret(token.secret), self.clock())
+        if problem:
+            raise TokenError(f"{problem}: create a new one with `mesh token create`")
+        node_id = "n-" + secrets.token_hex(4)
+        cert = certs.sign_node_csr(
+            self.ca_cert, self.ca_key, request.csr.encode(), node_id, self.node_cert_lifetime
+        )
+        self.store.add_node(node_id, request.name, cert.serial_number, self.clock())
+        log.info("node %s (%s) joined", node_id, request.name)
+        return JoinResponse(
+            node_id=node_id,
+            certificate=certs.cert_to_pem(cert).decode(),
+            ca=certs.cert_to_pem(self.ca_cert).decode(),
+        )
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def submit(self, owner: str, body: JobSubmit) -> Job:
+        try:
+            files = {
+                name: base64.b64decode(data, validate=True) for name, data in body.files.items()
+            }
+        except ValueError as exc:
+            raise RequestRejected(f"an input file is not valid base64: {exc}", 422) from exc
+        spec = JobSpec(
+            name=body.name,
+            argv=tuple(body.argv),
+            env=dict(body.env),
+            cpus=body.cpus,
+            memory=body.memory,
+            timeout=body.timeout,
+            retries=body.retries,
+            count=body.count,
+            priority=body.priority,
+            outputs=tuple(body.outputs),
+            network=body.network,
+        )
+        job_id = secrets.token_hex(5)
+        self.store.add_job(job_id, owner, spec, files, self.clock())
+        self.kick()
+        return self.job(job_id)
+
+    def job(self, job_id: str) -> Job:
+        job = self.store.job(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}: `mesh jobs` lists the jobs this mesh knows")
+        return job
+
+    def task_id(self, job_id: str, index: int) -> tuple[int, int]:
+        """The task's store id and current attempt; NotFound names the valid range."""
+        task = self.store.task(job_id, index)
+        if task is None:
+            count = self.job(job_id).spec.count
+            raise NotFound(f"job {job_id} has no task {index}: its tasks are 0 to {count - 1}")
+        return task.id, task.attempt
+
+    def cancel(self, job_id: str, by: str) -> Job:
+        job = self.job(job_id)
+        if job.state.value in ("succeeded", "failed", "cancelled"):
+            return job
+        for node_id, assignment in self.store.cancel_job(job_id, by, self.clock()):
+            session = self.sessions.get(node_id)
+            if session:
+                session.send(_cancel_message([assignment], f"cancelled by {by}"))
+        self.kick()
+        return self.job(job_id)
+
+    def logs(self, job_id: str, index: int, offset: int, attempt: int | None) -> LogChunk:
+        task_id, current = self.task_id(job_id, index)
+        attempt = current if attempt is None else attempt
+        data, next_offset = self.store.logs(task_id, attempt, offset)
+        task = self.store.task(job_id, index)
+        assert task is not None
+        ended = task.state.ended or task.attempt != attempt or task.state is TaskState.PENDING
+        return LogChunk(
+            attempt=attempt,
+            offset=offset,
+            next_offset=next_offset,
+            data=base64.b64encode(data).decode(),
+            ended=ended and attempt > 0,
+        )
+
+    # -- agent sessions ---------------------------------------------------------------------
+
+    def agent_connected(self, node_id: str, hello: Hello) -> AgentSession:
+        """Adopt what the agent still holds, requeue what it lost, and open its session."""
+        old = self.sessions.pop(node_id, None)
+        if old:
+            old.closed = True
+        now = self.clock()
+        self.store.update_node(
+            node_id,
+            state=NodeState.READY,
+            now=now,
+            name=hello.name,
+            cpus=hello.cpus,
+            memory=hello.memory,
+            sandbox=hello.sandbox,
+            version=hello.version,
+        )
+        session = AgentSession(node_id=node_id, cpus=hello.cpus, memory=hello.memory)
+        held = set(hello.held)
+        requeued = self.store.requeue_node_attempts(
+            node_id, held, "the node reconnected without this attempt", now
+        )
+        if requeued:
+            log.info("node %s lost %d attempts; they are pending again", node_id, len(requeued))
+        # What the agent holds but is no longer current (cancelled, superseded) must stop.
+        current = self.store.active_attempts(node_id)
+        stale = [ref for ref in held if ref not in current]
+        session.send(
+            {
+                "type": "welcome",
+                "node_id": node_id,
+                "heartbeat_interval": self.heartbeat_interval,
+                "version": __version__,
+            }
+        )
+        if stale:
+            session.send({"type": "cancel", "tasks": stale, "reason": "superseded attempt"})
+        self.sessions[node_id] = session
+        self.kick()
+        return session
+
+    def agent_disconnected(self, session: AgentSession) -> None:
+        session.closed = True
+        if self.sessions.get(session.node_id) is session:
+            del self.sessions[session.node_id]
+            self.store.update_node(session.node_id, state=NodeState.SUSPECT, now=self.clock())
+            log.info("node %s disconnected; it is suspect", session.node_id)
+
+    def agent_report(self, session: AgentSession, report: Report) -> None:
+        """Commit a batch of agent events, then acknowledge it so the agent can forget it."""
+        now = self.clock()
+        logs: list[tuple[int, int, int, bytes]] = []
+        freed = False
+        for event in report.events:
+            task_id, attempt, epoch = event.task
+            if isinstance(event, Log):
+                logs.append((task_id, attempt, event.offset, base64.b64decode(event.data)))
+            elif isinstance(event, Started):
+                if logs:
+                    self.store.record_logs(logs)
+                    logs = []
+                self.store.record_started(task_id, attempt, epoch, now)
+            elif isinstance(event, Ended):
+                if logs:
+                    self.store.record_logs(logs)
+                    logs = []
+                freed |= self._record_end(event, now)
+        if logs:
+            self.store.record_logs(logs)
+        session.send({"type": "ack", "seq": report.seq})
+        if freed:
+            self.kick()
+
+    def _record_end(self, event: Ended, now: float) -> bool:
+        task_id, attempt, epoch = event.task
+        outputs = {name: base64.b64decode(data) for name, data in event.outputs.items()}
+        if sum(len(data) for data in outputs.values()) > MAX_OUTPUT_BYTES:
+            outputs = {}
+        succeeded = event.end == "exited" and event.exit_code == 0
+        state = self.store.record_ended(
+            task_id,
+            attempt,
+            epoch,
+            succeeded=succeeded,
+            counts_against_retries=event.end in _COUNTS_AGAINST_RETRIES,
+            exit_code=event.exit_code,
+            reason=event.message,
+            outputs=outputs,
+            now=now,
+        )
+        if state is None:
+            log.info("dropped a stale result for task %d attempt %d", task_id, attempt)
+            return False
+        return True
+
+    # -- scheduling -------------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Ask for a scheduling round soon; many kicks in a row cost one round."""
+        self._kick.set()
+
+    async def run_scheduler(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            try:
+                while self.schedule_round() >= SCHEDULE_BATCH:
+                    await asyncio.sleep(0)
+            except Exception:  # keep scheduling alive; the next kick retries
+                log.exception("scheduling round failed")
+
+    def schedule_round(self) -> int:
+        """Place queued tasks on connected nodes and send each node its batch."""
+        if not self.sessions:
+            return 0
+        usage = self.store.usage_by_node()
+        capacity = []
+        for node_id, session in self.sessions.items():
+            used_cpus, used_memory = usage.get(node_id, (0.0, 0))
+            capacity.append(
+                NodeCapacity(node_id, session.cpus - used_cpus, session.memory - used_memory)
+            )
+        queue = self.store.pending_demands(SCHEDULE_BATCH)
+        placements = plan_placements(capacity, queue)
+        by_node: dict[str, list[Assignment]] = defaultdict(list)
+        for node_id, assignment in self.store.assign(placements, self.clock()):
+            by_node[node_id].append(assignment)
+        for node_id, assignments in by_node.items():
+            self._send_assignments(self.sessions[node_id], assignments)
+        return len(queue)
+
+    def _send_assignments(self, session: AgentSession, assignments: list[Assignment]) -> None:
+        jobs: dict[str, Any] = {}
+        for job_id in {a.job_id for a in assignments} - session.known_jobs:
+            spec = self.store.job_spec(job_id)
+            files = self.store.job_files(job_id)
+            jobs[job_id] = {
+                **asdict(spec),
+                "files": {n: base64.b64encode(d).decode() for n, d in files.items()},
+            }
+            session.known_jobs.add(job_id)
+        session.send(
+            {
+                "type": "assign",
+                "jobs": jobs,
+                "tasks": [[a.task_id, a.attempt, a.epoch, a.job_id, a.index] for a in assignments],
+            }
+        )
+
+    def check_peer_is_node(self, identity: certs.Identity) -> str:
+        if identity.kind is not certs.PeerKind.NODE:
+            raise TrustError("only agent certificates may open an agent session")
+        if not self.store.node_known(identity.name):
+            raise TrustError(f"node {identity.name} is not a member of this mesh")
+        return identity.name
+
+
+def _cancel_message(assignments: list[Assignment], reason: str) -> dict[str, Any]:
+    return {
+        "type": "cancel",
+        "tasks": [[a.task_id, a.attempt, a.epoch] for a in assignments],
+        "reason": reason,
+    }

@@ -1,0 +1,94 @@
+"""The domain's plain data: what a job asks for and what the store records.
+
+Frozen dataclasses only; the store, the service and the API translate to and from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from planetary_mesh.core.states import AttemptState, JobState, NodeState, TaskState
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a user declares about a job (all tasks of an array share it)."""
+
+    name: str
+    argv: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    cpus: float = 1.0
+    memory: int = 256 * 1024**2
+    timeout: float | None = None
+    retries: int = 0
+    count: int = 1
+    priority: int = 0
+    outputs: tuple[str, ...] = ()
+    network: bool = False
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    owner: str
+    spec: JobSpec
+    state: JobState
+    created_at: float
+    file_names: tuple[str, ...]
+    counts: dict[TaskState, int]
+    cancelled_by: str | None = None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    number: int
+    node_id: str
+    epoch: int
+    state: AttemptState
+    assigned_at: float
+    started_at: float | None
+    ended_at: float | None
+    exit_code: int | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class Task:
+    id: int
+    job_id: str
+    index: int
+    state: TaskState
+    attempt: int
+    epoch: int
+    node_id: str | None
+    exit_code: int | None
+    reason: str | None
+    started_at: float | None
+    ended_at: float | None
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str
+    name: str
+    state: NodeState
+    cpus: float
+    memory: int
+    used_cpus: float
+    used_memory: int
+    running: int
+    sandbox: str
+    version: str
+    joined_at: float
+    last_seen: float
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What the coordinator sends an agent: one attempt of one task, fenced by ``epoch``."""
+
+    task_id: int
+    job_id: str
+    index: int
+    attempt: int
+    epoch: int

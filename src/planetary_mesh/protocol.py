@@ -1,0 +1,215 @@
+"""Wire formats shared by the coordinator, the agents and the client.
+
+REST bodies are strict pydantic models: no type coercion, no extra fields, bounded sizes, flat
+file names. The agent session speaks JSON messages with a ``type`` field (see docs/adr/0002).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+MAX_ARRAY = 100_000
+MAX_OUTPUT_BYTES = 16 * 1024 * 1024  # per task, all collected files together
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9._+-]{1,255}$")
+
+
+def _flat_name(name: str) -> str:
+    if not _FILE_NAME.match(name) or name in (".", ".."):
+        raise ValueError(
+            f"file name {name!r} must be a plain name (letters, digits, . _ + -), not a path"
+        )
+    return name
+
+
+def _env_names(env: dict[str, str]) -> dict[str, str]:
+    for key in env:
+        if not _ENV_NAME.match(key) or key.startswith("MESH_"):
+            raise ValueError(
+                f"environment variable name {key!r} must match [A-Za-z_][A-Za-z0-9_]* "
+                "and must not start with MESH_ (those are set by the mesh)"
+            )
+    return env
+
+
+def _output_glob(pattern: str) -> str:
+    if pattern.startswith("/") or ".." in pattern.split("/") or not pattern.strip():
+        raise ValueError(f"output pattern {pattern!r} must be relative to the task's directory")
+    return pattern
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+FlatName = Annotated[str, AfterValidator(_flat_name)]
+Finite = Annotated[float, AfterValidator(_finite)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class JobSubmit(Strict):
+    name: str = Field(default="job", min_length=1, max_length=128)
+    argv: list[Annotated[str, Field(max_length=8192)]] = Field(min_length=1, max_length=1024)
+    env: Annotated[
+        dict[str, Annotated[str, Field(max_length=65536)]], AfterValidator(_env_names)
+    ] = Field(default_factory=dict, max_length=256)
+    files: dict[FlatName, str] = Field(default_factory=dict, max_length=256)  # name → base64
+    outputs: list[Annotated[str, AfterValidator(_output_glob), Field(max_length=512)]] = Field(
+        default_factory=list, max_length=64
+    )
+    cpus: Finite = Field(default=1.0, gt=0, le=1024)
+    memory: int = Field(default=256 * 1024**2, ge=1024**2, le=1024**5)
+    timeout: Finite | None = Field(default=None, gt=0, le=30 * 86400)
+    retries: int = Field(default=0, ge=0, le=100)
+    count: int = Field(default=1, ge=1, le=MAX_ARRAY)
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    network: bool = False
+
+
+class TokenCreate(Strict):
+    ttl: Finite = Field(default=3600.0, gt=0, le=365 * 86400)
+    uses: int | None = Field(default=1, ge=1, le=1_000_000)  # None: unlimited
+
+
+class JoinRequest(Strict):
+    token: str = Field(max_length=256)
+    csr: str = Field(max_length=16384)
+    name: str = Field(min_length=1, max_length=128)
+
+
+class JoinResponse(Strict):
+    node_id: str
+    certificate: str
+    ca: str
+
+
+class TaskInfo(Strict):
+    index: int
+    state: str
+    node: str | None
+    exit_code: int | None
+    reason: str | None
+    attempts: int
+    started_at: float | None
+    ended_at: float | None
+
+
+class AttemptInfo(Strict):
+    attempt: int
+    node: str
+    state: str
+    exit_code: int | None
+    reason: str | None
+    assigned_at: float
+    started_at: float | None
+    ended_at: float | None
+
+
+class JobInfo(Strict):
+    id: str
+    name: str
+    owner: str
+    state: str
+    created_at: float
+    argv: list[str]
+    cpus: float
+    memory: int
+    timeout: float | None
+    retries: int
+    priority: int
+    files: list[str]
+    outputs: list[str]
+    cancelled_by: str | None
+    tasks: dict[str, int]  # "total" and one count per task state
+    task_list: list[TaskInfo] | None = None  # only in the detail of one job
+
+
+class NodeInfo(Strict):
+    id: str
+    name: str
+    state: str
+    cpus: float
+    memory: int
+    used_cpus: float
+    used_memory: int
+    running: int
+    sandbox: str
+    version: str
+    last_seen: float
+
+
+class LogChunk(Strict):
+    attempt: int
+    offset: int
+    next_offset: int
+    data: str  # base64
+    ended: bool  # the task has ended: no more output will come for this attempt
+
+
+class OutputFile(Strict):
+    name: str
+    data: str  # base64
+
+
+# -- agent session ------------------------------------------------------------------------------
+
+TaskRef = tuple[int, int, int]  # (task_id, attempt, epoch): every message about running work
+
+
+class Hello(Strict):
+    type: Literal["hello"]
+    name: str = Field(max_length=128)
+    cpus: Finite = Field(gt=0)
+    memory: int = Field(gt=0)
+    sandbox: str = Field(max_length=64)
+    version: str = Field(max_length=64)
+    held: list[TaskRef] = Field(max_length=100_000)  # attempts running or with unacked results
+
+
+class Started(Strict):
+    kind: Literal["started"]
+    task: TaskRef
+
+
+class Log(Strict):
+    kind: Literal["log"]
+    task: TaskRef
+    offset: int = Field(ge=0)
+    data: str
+
+
+class Ended(Strict):
+    kind: Literal["ended"]
+    task: TaskRef
+    end: Literal["exited", "signalled", "timeout", "cancelled", "sandbox_error"]
+    exit_code: int | None
+    signal: int | None
+    message: str = Field(max_length=4096)
+    outputs: dict[str, str] = Field(default_factory=dict)  # relative path → base64
+
+
+Event = Annotated[Started | Log | Ended, Field(discriminator="kind")]
+
+
+class Report(Strict):
+    type: Literal["report"]
+    seq: int
+    events: list[Event] = Field(max_length=100_000)
+
+
+class Heartbeat(Strict):
+    type: Literal["heartbeat"]
+
+
+AgentMessage = Annotated[Hello | Report | Heartbeat, Field(discriminator="type")]

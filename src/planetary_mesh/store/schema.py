@@ -1,0 +1,96 @@
+"""The SQLite schema and its migrations, applied in order at open.
+
+Each migration is a list of statements; ``meta.schema_version`` records how many have run.
+Append new migrations; never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[list[str]] = [
+    [
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        """CREATE TABLE nodes (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            state TEXT NOT NULL,
+            cpus REAL NOT NULL,
+            memory INTEGER NOT NULL,
+            sandbox TEXT NOT NULL DEFAULT '',
+            version TEXT NOT NULL DEFAULT '',
+            cert_serial TEXT NOT NULL,
+            joined_at REAL NOT NULL,
+            last_seen REAL NOT NULL
+        )""",
+        """CREATE TABLE tokens (
+            id TEXT PRIMARY KEY,
+            secret_hash TEXT NOT NULL UNIQUE,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            uses_left INTEGER,
+            revoked INTEGER NOT NULL DEFAULT 0
+        )""",
+        """CREATE TABLE jobs (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            name TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            priority INTEGER NOT NULL,
+            cpus REAL NOT NULL,
+            memory INTEGER NOT NULL,
+            count INTEGER NOT NULL,
+            spec TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            cancelled_by TEXT
+        )""",
+        """CREATE TABLE job_files (
+            job_id TEXT NOT NULL REFERENCES jobs(id),
+            name TEXT NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (job_id, name)
+        )""",
+        """CREATE TABLE tasks (
+            id INTEGER PRIMARY KEY,
+            job_seq INTEGER NOT NULL REFERENCES jobs(seq),
+            idx INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            attempt INTEGER NOT NULL DEFAULT 0,
+            epoch INTEGER NOT NULL DEFAULT 0,
+            failures INTEGER NOT NULL DEFAULT 0,
+            node_id TEXT,
+            exit_code INTEGER,
+            reason TEXT,
+            started_at REAL,
+            ended_at REAL,
+            UNIQUE (job_seq, idx)
+        )""",
+        "CREATE INDEX tasks_by_state ON tasks (state, job_seq, idx)",
+        "CREATE INDEX tasks_by_node ON tasks (node_id, state)",
+        """CREATE TABLE attempts (
+            task_id INTEGER NOT NULL REFERENCES tasks(id),
+            attempt INTEGER NOT NULL,
+            node_id TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            assigned_at REAL NOT NULL,
+            started_at REAL,
+            ended_at REAL,
+            exit_code INTEGER,
+            reason TEXT,
+            PRIMARY KEY (task_id, attempt)
+        )""",
+        """CREATE TABLE logs (
+            task_id INTEGER NOT NULL,
+            attempt INTEGER NOT NULL,
+            offset INTEGER NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (task_id, attempt, offset)
+        )""",
+        """CREATE TABLE outputs (
+            task_id INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (task_id, name)
+        )""",
+        "INSERT INTO meta (key, value) VALUES ('epoch', '0')",
+    ],
+]

@@ -1,0 +1,593 @@
+"""The durable record: SQLite in WAL mode, every transition committed before it is acknowledged.
+
+One connection, used from the coordinator's event-loop thread only. ``synchronous=FULL`` makes a
+commit survive power loss, not just a killed process; batching (one transaction per scheduling
+round or per batch of agent reports) keeps that affordable.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from planetary_mesh.core.model import Assignment, Attempt, Job, JobSpec, Node, Task
+from planetary_mesh.core.scheduler import Demand, Placement
+from planetary_mesh.core.states import (
+    AttemptState,
+    NodeState,
+    TaskEvent,
+    TaskState,
+    end_event,
+    job_state,
+    next_task_state,
+)
+from planetary_mesh.errors import StoreError
+from planetary_mesh.store.schema import MIGRATIONS
+
+_ACTIVE = (TaskState.ASSIGNED.value, TaskState.RUNNING.value)
+
+
+class SQLiteStore:
+    def __init__(self, path: Path) -> None:
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the store at {path}: {exc}") from exc
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        has_meta = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+        ).fetchone()
+        done = 0
+        if has_meta:
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            done = int(row[0]) if row else 0
+        if done > len(MIGRATIONS):
+            raise StoreError(
+                f"the store has schema version {done}, newer than this program knows "
+                f"({len(MIGRATIONS)}): upgrade planetary-mesh"
+            )
+        for version, statements in enumerate(MIGRATIONS[done:], start=done + 1):
+            with self._tx() as db:
+                for statement in statements:
+                    db.execute(statement)
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(version),),
+                )
+
+    # -- nodes ------------------------------------------------------------------------------
+
+    def add_node(self, node_id: str, name: str, cert_serial: int, now: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO nodes (id, name, state, cpus, memory, cert_serial, joined_at,"
+                " last_seen) VALUES (?, ?, ?, 0, 0, ?, ?, ?)",
+                (node_id, name, NodeState.SUSPECT.value, str(cert_serial), now, now),
+            )
+
+    def node_known(self, node_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM nodes WHERE id=?", (node_id,)).fetchone() is not None
+
+    def update_node(
+        self,
+        node_id: str,
+        *,
+        state: NodeState,
+        now: float,
+        name: str | None = None,
+        cpus: float | None = None,
+        memory: int | None = None,
+        sandbox: str | None = None,
+        version: str | None = None,
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE nodes SET state=?, last_seen=?, name=COALESCE(?, name),"
+                " cpus=COALESCE(?, cpus), memory=COALESCE(?, memory),"
+                " sandbox=COALESCE(?, sandbox), version=COALESCE(?, version) WHERE id=?",
+                (state.value, now, name, cpus, memory, sandbox, version, node_id),
+            )
+
+    def mark_nodes(self, from_state: NodeState, to_state: NodeState) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE nodes SET state=? WHERE state=?", (to_state.value, from_state.value))
+
+    def nodes(self) -> list[Node]:
+        usage = {
+            row[0]: (row[1], row[2], row[3])
+            for row in self._db.execute(
+                "SELECT t.node_id, SUM(j.cpus), SUM(j.memory), COUNT(*) FROM tasks t"
+                " JOIN jobs j ON j.seq = t.job_seq WHERE t.state IN (?, ?) GROUP BY t.node_id",
+                _ACTIVE,
+            )
+        }
+        result = []
+        for row in self._db.execute(
+            "SELECT id, name, state, cpus, memory, sandbox, version, joined_at, last_seen"
+            " FROM nodes ORDER BY joined_at"
+        ):
+            used_cpus, used_memory, running = usage.get(row[0], (0.0, 0, 0))
+            result.append(
+                Node(
+                    id=row[0],
+                    name=row[1],
+                    state=NodeState(row[2]),
+                    cpus=row[3],
+                    memory=row[4],
+                    used_cpus=float(used_cpus),
+                    used_memory=int(used_memory),
+                    running=int(running),
+                    sandbox=row[5],
+                    version=row[6],
+                    joined_at=row[7],
+                    last_seen=row[8],
+                )
+            )
+        return result
+
+    # -- join tokens ------------------------------------------------------------------------
+
+    def add_token(
+        self, token_id: str, secret_hash: str, expires_at: float, uses: int | None, now: float
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO tokens (id, secret_hash, created_at, expires_at, uses_left)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (token_id, secret_hash, now, expires_at, uses),
+            )
+
+    def consume_token(self, secret_hash: str, now: float) -> str | None:
+        """Use the token once; the reason it cannot be used, or None when it was used."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT id, expires_at, uses_left, revoked FROM tokens WHERE secret_hash=?",
+                (secret_hash,),
+            ).fetchone()
+            if row is None:
+                return "this join token is not known to the coordinator"
+            token_id, expires_at, uses_left, revoked = row
+            if revoked:
+                return "this join token was revoked"
+            if expires_at <= now:
+                return "this join token has expired"
+            if uses_left is not None and uses_left <= 0:
+                return "this join token has been used up"
+            if uses_left is not None:
+                db.execute("UPDATE tokens SET uses_left = uses_left - 1 WHERE id=?", (token_id,))
+            return None
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def add_job(
+        self, job_id: str, owner: str, spec: JobSpec, files: dict[str, bytes], now: float
+    ) -> None:
+        spec_json = json.dumps(asdict(spec))
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT INTO jobs (id, name, owner, priority, cpus, memory, count, spec,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    spec.name,
+                    owner,
+                    spec.priority,
+                    spec.cpus,
+                    spec.memory,
+                    spec.count,
+                    spec_json,
+                    now,
+                ),
+            )
+            seq = cursor.lastrowid
+            db.executemany(
+                "INSERT INTO job_files (job_id, name, data) VALUES (?, ?, ?)",
+                ((job_id, name, data) for name, data in files.items()),
+            )
+            db.executemany(
+                "INSERT INTO tasks (job_seq, idx, state) VALUES (?, ?, ?)",
+                ((seq, i, TaskState.PENDING.value) for i in range(spec.count)),
+            )
+
+    def _job_counts(self, seqs: Iterable[int]) -> dict[int, dict[TaskState, int]]:
+        counts: dict[int, dict[TaskState, int]] = {seq: {} for seq in seqs}
+        if not counts:
+            return counts
+        marks = ",".join("?" * len(counts))
+        for seq, state, n in self._db.execute(
+            f"SELECT job_seq, state, COUNT(*) FROM tasks WHERE job_seq IN ({marks})"
+            " GROUP BY job_seq, state",
+            tuple(counts),
+        ):
+            counts[seq][TaskState(state)] = n
+        return counts
+
+    _JOB_COLUMNS = "seq, id, owner, spec, created_at, cancelled_by"
+
+    def _jobs_from_rows(
+        self, rows: list[tuple[int, str, str, str, float, str | None]]
+    ) -> list[Job]:
+        counts = self._job_counts(row[0] for row in rows)
+        names: dict[str, list[str]] = {}
+        if rows:
+            marks = ",".join("?" * len(rows))
+            for job_id, name in self._db.execute(
+                f"SELECT job_id, name FROM job_files WHERE job_id IN ({marks}) ORDER BY name",
+                tuple(row[1] for row in rows),
+            ):
+                names.setdefault(job_id, []).append(name)
+        jobs = []
+        for seq, job_id, owner, spec_json, created_at, cancelled_by in rows:
+            spec = _spec_from_json(spec_json)
+            jobs.append(
+                Job(
+                    id=job_id,
+                    owner=owner,
+                    spec=spec,
+                    state=job_state(counts[seq], cancelled_by is not None),
+                    created_at=created_at,
+                    file_names=tuple(names.get(job_id, ())),
+                    counts=counts[seq],
+                    cancelled_by=cancelled_by,
+                )
+            )
+        return jobs
+
+    def job(self, job_id: str) -> Job | None:
+        rows = self._db.execute(
+            f"SELECT {self._JOB_COLUMNS} FROM jobs WHERE id=?", (job_id,)
+        ).fetchall()
+        jobs = self._jobs_from_rows(rows)
+        return jobs[0] if jobs else None
+
+    def jobs(self, limit: int = 200) -> list[Job]:
+        rows = self._db.execute(
+            f"SELECT {self._JOB_COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return self._jobs_from_rows(rows)
+
+    def job_spec(self, job_id: str) -> JobSpec:
+        row = self._db.execute("SELECT spec FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"job {job_id} is not in the store")
+        return _spec_from_json(row[0])
+
+    def job_files(self, job_id: str) -> dict[str, bytes]:
+        return dict(self._db.execute("SELECT name, data FROM job_files WHERE job_id=?", (job_id,)))
+
+    _TASK_COLUMNS = (
+        "t.id, j.id, t.idx, t.state, t.attempt, t.epoch, t.node_id, t.exit_code, t.reason,"
+        " t.started_at, t.ended_at"
+    )
+
+    def tasks(self, job_id: str) -> list[Task]:
+        rows = self._db.execute(
+            f"SELECT {self._TASK_COLUMNS} FROM tasks t JOIN jobs j ON j.seq = t.job_seq"
+            " WHERE j.id=? ORDER BY t.idx",
+            (job_id,),
+        )
+        return [_task_from_row(row) for row in rows]
+
+    def task(self, job_id: str, index: int) -> Task | None:
+        row = self._db.execute(
+            f"SELECT {self._TASK_COLUMNS} FROM tasks t JOIN jobs j ON j.seq = t.job_seq"
+            " WHERE j.id=? AND t.idx=?",
+            (job_id, index),
+        ).fetchone()
+        return _task_from_row(row) if row else None
+
+    def attempts(self, task_id: int) -> list[Attempt]:
+        return [
+            Attempt(
+                number=row[0],
+                node_id=row[1],
+                epoch=row[2],
+                state=AttemptState(row[3]),
+                assigned_at=row[4],
+                started_at=row[5],
+                ended_at=row[6],
+                exit_code=row[7],
+                reason=row[8],
+            )
+            for row in self._db.execute(
+                "SELECT attempt, node_id, epoch, state, assigned_at, started_at, ended_at,"
+                " exit_code, reason FROM attempts WHERE task_id=? ORDER BY attempt",
+                (task_id,),
+            )
+        ]
+
+    def cancel_job(self, job_id: str, by: str, now: float) -> list[tuple[str, Assignment]]:
+        """Cancel every task not yet ended; the attempts that agents must now kill."""
+        reason = f"cancelled by {by}"
+        with self._tx() as db:
+            row = db.execute("SELECT seq FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"job {job_id} is not in the store")
+            seq = row[0]
+            db.execute(
+                "UPDATE jobs SET cancelled_by=COALESCE(cancelled_by, ?) WHERE seq=?", (by, seq)
+            )
+            active = [
+                (
+                    r[4],
+                    Assignment(task_id=r[0], job_id=job_id, index=r[1], attempt=r[2], epoch=r[3]),
+                )
+                for r in db.execute(
+                    "SELECT id, idx, attempt, epoch, node_id FROM tasks"
+                    " WHERE job_seq=? AND state IN (?, ?)",
+                    (seq, *_ACTIVE),
+                )
+            ]
+            db.executemany(
+                "UPDATE attempts SET state=?, ended_at=?, reason=? WHERE task_id=? AND attempt=?",
+                (
+                    (AttemptState.CANCELLED.value, now, reason, a.task_id, a.attempt)
+                    for _, a in active
+                ),
+            )
+            db.execute(
+                "UPDATE tasks SET state=?, reason=?, ended_at=? WHERE job_seq=?"
+                " AND state IN (?, ?, ?)",
+                (TaskState.CANCELLED.value, reason, now, seq, TaskState.PENDING.value, *_ACTIVE),
+            )
+        return active
+
+    # -- scheduling -------------------------------------------------------------------------
+
+    def pending_demands(self, limit: int) -> list[Demand]:
+        """The queue in placement order: highest priority first, then oldest job, then index."""
+        return [
+            Demand(task_id=row[0], cpus=row[1], memory=row[2])
+            for row in self._db.execute(
+                "SELECT t.id, j.cpus, j.memory FROM tasks t JOIN jobs j ON j.seq = t.job_seq"
+                " WHERE t.state=? ORDER BY j.priority DESC, t.job_seq, t.idx LIMIT ?",
+                (TaskState.PENDING.value, limit),
+            )
+        ]
+
+    def usage_by_node(self) -> dict[str, tuple[float, int]]:
+        return {
+            row[0]: (float(row[1]), int(row[2]))
+            for row in self._db.execute(
+                "SELECT t.node_id, SUM(j.cpus), SUM(j.memory) FROM tasks t"
+                " JOIN jobs j ON j.seq = t.job_seq WHERE t.state IN (?, ?) GROUP BY t.node_id",
+                _ACTIVE,
+            )
+        }
+
+    def assign(self, placements: list[Placement], now: float) -> list[tuple[str, Assignment]]:
+        """Commit a plan: each task gets a new attempt and a fresh, globally unique epoch."""
+        if not placements:
+            return []
+        target = next_task_state(TaskState.PENDING, TaskEvent.ASSIGN).value
+        assigned: list[tuple[str, Assignment]] = []
+        with self._tx() as db:
+            (epoch,) = db.execute(
+                "SELECT CAST(value AS INTEGER) FROM meta WHERE key='epoch'"
+            ).fetchone()
+            for placement in placements:
+                epoch += 1
+                row = db.execute(
+                    "UPDATE tasks SET state=?, attempt=attempt+1, epoch=?, node_id=?,"
+                    " exit_code=NULL, reason=NULL WHERE id=? AND state=?"
+                    " RETURNING attempt, idx, (SELECT id FROM jobs WHERE seq=job_seq)",
+                    (target, epoch, placement.node_id, placement.task_id, TaskState.PENDING.value),
+                ).fetchone()
+                if row is None:
+                    continue
+                attempt, index, job_id = row
+                db.execute(
+                    "INSERT INTO attempts (task_id, attempt, node_id, epoch, state, assigned_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        placement.task_id,
+                        attempt,
+                        placement.node_id,
+                        epoch,
+                        AttemptState.ASSIGNED.value,
+                        now,
+                    ),
+                )
+                assigned.append(
+                    (
+                        placement.node_id,
+                        Assignment(placement.task_id, job_id, index, attempt, epoch),
+                    )
+                )
+            db.execute("UPDATE meta SET value=? WHERE key='epoch'", (str(epoch),))
+        return assigned
+
+    # -- reports from agents (all fenced by attempt and epoch) ------------------------------
+
+    def _current(
+        self, db: sqlite3.Connection, task_id: int, attempt: int, epoch: int
+    ) -> tuple[TaskState, int, str] | None:
+        row = db.execute(
+            "SELECT t.state, t.failures, j.spec FROM tasks t JOIN jobs j ON j.seq = t.job_seq"
+            " WHERE t.id=? AND t.attempt=? AND t.epoch=?",
+            (task_id, attempt, epoch),
+        ).fetchone()
+        if row is None or not TaskState(row[0]).active:
+            return None
+        return TaskState(row[0]), row[1], row[2]
+
+    def record_started(self, task_id: int, attempt: int, epoch: int, now: float) -> bool:
+        with self._tx() as db:
+            current = self._current(db, task_id, attempt, epoch)
+            if current is None or current[0] is not TaskState.ASSIGNED:
+                return False
+            db.execute(
+                "UPDATE tasks SET state=?, started_at=? WHERE id=?",
+                (next_task_state(current[0], TaskEvent.START).value, now, task_id),
+            )
+            db.execute(
+                "UPDATE attempts SET state=?, started_at=? WHERE task_id=? AND attempt=?",
+                (AttemptState.RUNNING.value, now, task_id, attempt),
+            )
+        return True
+
+    def record_logs(self, chunks: Iterable[tuple[int, int, int, bytes]]) -> None:
+        """Append ``(task_id, attempt, offset, data)`` chunks; a resent chunk is ignored."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO logs (task_id, attempt, offset, data) VALUES (?, ?, ?, ?)",
+                chunks,
+            )
+
+    def record_ended(
+        self,
+        task_id: int,
+        attempt: int,
+        epoch: int,
+        *,
+        succeeded: bool,
+        counts_against_retries: bool,
+        exit_code: int | None,
+        reason: str,
+        outputs: dict[str, bytes],
+        now: float,
+    ) -> TaskState | None:
+        """Commit the end of an attempt; the task's new state, or None if the report is stale."""
+        with self._tx() as db:
+            current = self._current(db, task_id, attempt, epoch)
+            if current is None:
+                return None
+            state, failures, spec_json = current
+            retries = int(json.loads(spec_json)["retries"])
+            if not succeeded and counts_against_retries:
+                failures += 1
+            event = end_event(succeeded, counts_against_retries, failures, retries)
+            new_state = next_task_state(state, event)
+            attempt_state = (
+                AttemptState.SUCCEEDED
+                if succeeded
+                else AttemptState.FAILED
+                if counts_against_retries
+                else AttemptState.LOST
+            )
+            db.execute(
+                "UPDATE attempts SET state=?, ended_at=?, exit_code=?, reason=?,"
+                " started_at=COALESCE(started_at, assigned_at) WHERE task_id=? AND attempt=?",
+                (attempt_state.value, now, exit_code, reason, task_id, attempt),
+            )
+            ended_at = now if new_state.ended else None
+            db.execute(
+                "UPDATE tasks SET state=?, failures=?, exit_code=?, reason=?, ended_at=?,"
+                " started_at=COALESCE(started_at, ?) WHERE id=?",
+                (new_state.value, failures, exit_code, reason, ended_at, now, task_id),
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO outputs (task_id, name, data) VALUES (?, ?, ?)",
+                ((task_id, name, data) for name, data in outputs.items()),
+            )
+        return new_state
+
+    def active_attempts(self, node_id: str) -> set[tuple[int, int, int]]:
+        """``(task_id, attempt, epoch)`` of every attempt the node should be running."""
+        return {
+            (row[0], row[1], row[2])
+            for row in self._db.execute(
+                "SELECT id, attempt, epoch FROM tasks WHERE node_id=? AND state IN (?, ?)",
+                (node_id, *_ACTIVE),
+            )
+        }
+
+    def requeue_node_attempts(
+        self, node_id: str, keep: set[tuple[int, int, int]], reason: str, now: float
+    ) -> list[int]:
+        """Put back every active attempt on ``node_id`` not in ``keep``; the tasks requeued."""
+        requeued = []
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT id, attempt, epoch, state FROM tasks WHERE node_id=? AND state IN (?, ?)",
+                (node_id, *_ACTIVE),
+            ).fetchall()
+            for task_id, attempt, epoch, state in rows:
+                if (task_id, attempt, epoch) in keep:
+                    continue
+                new_state = next_task_state(TaskState(state), TaskEvent.REQUEUE)
+                db.execute(
+                    "UPDATE tasks SET state=?, node_id=NULL, started_at=NULL WHERE id=?",
+                    (new_state.value, task_id),
+                )
+                db.execute(
+                    "UPDATE attempts SET state=?, ended_at=?, reason=? WHERE task_id=?"
+                    " AND attempt=?",
+                    (AttemptState.LOST.value, now, reason, task_id, attempt),
+                )
+                requeued.append(task_id)
+        return requeued
+
+    # -- logs and outputs -------------------------------------------------------------------
+
+    def logs(self, task_id: int, attempt: int, offset: int) -> tuple[bytes, int]:
+        """The output of one attempt from byte ``offset`` on, and the offset after it."""
+        data = bytearray()
+        end = offset
+        for chunk_offset, chunk in self._db.execute(
+            "SELECT offset, data FROM logs WHERE task_id=? AND attempt=?"
+            " AND offset + length(data) > ? ORDER BY offset",
+            (task_id, attempt, offset),
+        ):
+            if chunk_offset > end:
+                break  # a gap: the missing chunk has not arrived yet
+            data += chunk[end - chunk_offset :]
+            end = chunk_offset + len(chunk)
+        return bytes(data), end
+
+    def outputs(self, task_id: int) -> dict[str, bytes]:
+        return dict(
+            self._db.execute(
+                "SELECT name, data FROM outputs WHERE task_id=? ORDER BY name", (task_id,)
+            )
+        )
+
+
+def _spec_from_json(text: str) -> JobSpec:
+    raw = json.loads(text)
+    raw["argv"] = tuple(raw["argv"])
+    raw["outputs"] = tuple(raw["outputs"])
+    return JobSpec(**raw)
+
+
+def _task_from_row(row: tuple[Any, ...]) -> Task:
+    task_id, job_id, index, state, attempt, epoch, node_id, exit_code, reason, started, ended = row
+    return Task(
+        id=task_id,
+        job_id=job_id,
+        index=index,
+        state=TaskState(state),
+        attempt=attempt,
+        epoch=epoch,
+        node_id=node_id,
+        exit_code=exit_code,
+        reason=reason,
+        started_at=started,
+        ended_at=ended,
+    )

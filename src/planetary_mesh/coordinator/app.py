@@ -53,6 +53,28 @@ _agent_messages: TypeAdapter[Hello | Report | Heartbeat] = TypeAdapter(AgentMess
 _OPEN_PATHS = ("/healthz", "/v1/join")
 
 
+def identity(request: Request) -> certs.Identity:
+    der = peer_cert_der(request.scope)
+    assert der is not None  # the middleware refused requests without one
+    return certs.identity_of_der(der)
+
+
+def user(who: Annotated[certs.Identity, Depends(identity)]) -> certs.Identity:
+    if who.kind is not certs.PeerKind.USER:
+        raise RequestRejected("this endpoint is for users; agents may not call it", 403)
+    return who
+
+
+def admin(who: Annotated[certs.Identity, Depends(user)]) -> certs.Identity:
+    if not who.admin:
+        raise RequestRejected("only an admin may do this", 403)
+    return who
+
+
+User = Annotated[certs.Identity, Depends(user)]
+Admin = Annotated[certs.Identity, Depends(admin)]
+
+
 def create_app(service: CoordinatorService) -> FastAPI:
     app = FastAPI(title="Planetary Mesh", version=__version__, docs_url=None, redoc_url=None)
     app.state.service = service
@@ -83,24 +105,6 @@ def create_app(service: CoordinatorService) -> FastAPI:
             for err in exc.errors()[:5]
         )
         return _error(422, f"invalid request: {problems}")
-
-    def identity(request: Request) -> certs.Identity:
-        der = peer_cert_der(request.scope)
-        assert der is not None  # the middleware refused requests without one
-        return certs.identity_of_der(der)
-
-    def user(who: Annotated[certs.Identity, Depends(identity)]) -> certs.Identity:
-        if who.kind is not certs.PeerKind.USER:
-            raise RequestRejected("this endpoint is for users; agents may not call it", 403)
-        return who
-
-    def admin(who: Annotated[certs.Identity, Depends(user)]) -> certs.Identity:
-        if not who.admin:
-            raise RequestRejected("only an admin may do this", 403)
-        return who
-
-    User = Annotated[certs.Identity, Depends(user)]
-    Admin = Annotated[certs.Identity, Depends(admin)]
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -1,0 +1,3 @@
+from planetary_mesh.cli.main import main
+
+main()

@@ -1,0 +1,350 @@
+"""The agent: one session to the coordinator, tasks in sandboxes, reports that are never lost.
+
+Read top to bottom: ``run`` reconnects forever; ``_session`` says hello (what it still holds),
+resends every unacknowledged report, then handles assignments, cancels and acks while a sender
+batches output, starts and ends into reports. A report is forgotten only once the coordinator has
+acknowledged it, i.e. committed it; so a coordinator crash loses no result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+
+from planetary_mesh import __version__
+from planetary_mesh.config import AgentPaths
+from planetary_mesh.errors import MeshError, TrustError
+from planetary_mesh.pki import tls
+from planetary_mesh.protocol import MAX_OUTPUT_BYTES, MAX_REQUEST_BYTES
+from planetary_mesh.sandbox.runner import EndReason, Runner, RunningTask, TaskLaunch, TaskOutcome
+
+log = logging.getLogger(__name__)
+
+TaskRef = tuple[int, int, int]  # (task_id, attempt, epoch)
+RECONNECT_MIN, RECONNECT_MAX = 0.2, 5.0
+
+
+@dataclass
+class JobInfo:
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    count: int
+    timeout: float | None
+    outputs: tuple[str, ...]
+    network: bool
+    files: dict[str, bytes]
+
+
+@dataclass
+class Outbox:
+    """Events waiting to be sent, and sent reports waiting for their ack."""
+
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    logs: dict[TaskRef, tuple[int, bytearray]] = field(default_factory=dict)
+    unacked: list[tuple[int, list[dict[str, Any]]]] = field(default_factory=list)
+    seq: int = 0
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add(self, event: dict[str, Any]) -> None:
+        self.pending.append(event)
+        self.ready.set()
+
+    def add_output(self, ref: TaskRef, offset: int, data: bytes) -> None:
+        if ref in self.logs:
+            self.logs[ref][1].extend(data)
+        else:
+            self.logs[ref] = (offset, bytearray(data))
+        self.ready.set()
+
+    def flush_logs_of(self, ref: TaskRef) -> None:
+        """Output must be queued before the end of its task."""
+        if ref in self.logs:
+            offset, data = self.logs.pop(ref)
+            self.pending.append(_log_event(ref, offset, bytes(data)))
+
+    def take(self) -> tuple[int, list[dict[str, Any]]] | None:
+        for ref in list(self.logs):
+            self.flush_logs_of(ref)
+        self.ready.clear()
+        if not self.pending:
+            return None
+        self.seq += 1
+        report = (self.seq, self.pending)
+        self.pending = []
+        self.unacked.append(report)
+        return report
+
+    def ack(self, seq: int) -> None:
+        self.unacked = [(s, events) for s, events in self.unacked if s > seq]
+
+    def held_ends(self) -> set[TaskRef]:
+        refs = {
+            tuple(e["task"]) for _, events in self.unacked for e in events if e["kind"] == "ended"
+        }
+        refs |= {tuple(e["task"]) for e in self.pending if e["kind"] == "ended"}
+        return {(int(r[0]), int(r[1]), int(r[2])) for r in refs}
+
+
+def _log_event(ref: TaskRef, offset: int, data: bytes) -> dict[str, Any]:
+    return {
+        "kind": "log",
+        "task": list(ref),
+        "offset": offset,
+        "data": base64.b64encode(data).decode(),
+    }
+
+
+class Agent:
+    def __init__(
+        self,
+        coordinator: str,
+        paths: AgentPaths,
+        runner: Runner,
+        *,
+        name: str,
+        cpus: float,
+        memory: int,
+    ) -> None:
+        self.url = coordinator.rstrip("/").replace("https://", "wss://", 1) + "/v1/agent/session"
+        self.paths = paths
+        self.runner = runner
+        self.name = name
+        self.cpus = cpus
+        self.memory = memory
+        self.ssl = tls.client_ssl_context(paths.ca_cert.read_bytes(), paths.cert, paths.key)
+        self.jobs: dict[str, JobInfo] = {}
+        self.running: dict[TaskRef, RunningTask | None] = {}
+        self.cancelled: dict[TaskRef, str] = {}
+        self._handles: set[asyncio.Task[None]] = set()  # keeps running task coroutines alive
+        self.outbox = Outbox()
+        self.heartbeat_interval = 1.0
+        self._stopping = asyncio.Event()
+
+    # -- the connection ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Stay connected until stopped; a dropped session is retried with backoff."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stopping.set)
+        delay = RECONNECT_MIN
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._session()
+                    delay = RECONNECT_MIN
+                except TrustError:
+                    raise
+                except (TimeoutError, OSError, websockets.WebSocketException) as exc:
+                    log.warning(
+                        "no session with the coordinator (%s); retrying in %.1fs", exc, delay
+                    )
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                delay = min(delay * 2, RECONNECT_MAX)
+        finally:
+            await self._kill_all("the agent is stopping")
+
+    async def _session(self) -> None:
+        async with connect(
+            self.url,
+            ssl=self.ssl,
+            max_size=MAX_REQUEST_BYTES,
+            ping_interval=5,
+            ping_timeout=10,
+            open_timeout=10,
+        ) as ws:
+            held = set(self.running) | self.outbox.held_ends()
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "hello",
+                        "name": self.name,
+                        "cpus": self.cpus,
+                        "memory": self.memory,
+                        "sandbox": self.runner.name,
+                        "version": __version__,
+                        "held": [list(ref) for ref in held],
+                    }
+                )
+            )
+            for seq, events in self.outbox.unacked:
+                await ws.send(json.dumps({"type": "report", "seq": seq, "events": events}))
+            log.warning("session open with %s", self.url)
+            sender = asyncio.create_task(self._send_loop(ws))
+            receiver = asyncio.create_task(self._receive_loop(ws))
+            stop = asyncio.create_task(self._stopping.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    {sender, receiver, stop}, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    if task is not stop:
+                        task.result()  # re-raise what ended the session
+            finally:
+                for task in (sender, receiver, stop):
+                    task.cancel()
+
+    async def _receive_loop(self, ws: ClientConnection) -> None:
+        try:
+            async for raw in ws:
+                self._handle(json.loads(raw))
+        except websockets.ConnectionClosed as exc:
+            if exc.rcvd is not None and exc.rcvd.code == 4403:
+                raise TrustError(
+                    f"the coordinator refused this agent: {exc.rcvd.reason}; join again "
+                    "with a new token (`mesh token create` on the coordinator)"
+                ) from exc
+            raise
+
+    async def _send_loop(self, ws: ClientConnection) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.outbox.ready.wait(), self.heartbeat_interval)
+            report = self.outbox.take()
+            if report is None:
+                await ws.send('{"type":"heartbeat"}')
+                continue
+            seq, events = report
+            await ws.send(json.dumps({"type": "report", "seq": seq, "events": events}))
+
+    # -- messages from the coordinator ------------------------------------------------------
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "ack":
+            self.outbox.ack(int(message["seq"]))
+        elif kind == "assign":
+            for job_id, spec in message["jobs"].items():
+                self.jobs[job_id] = JobInfo(
+                    argv=tuple(spec["argv"]),
+                    env=dict(spec["env"]),
+                    count=int(spec["count"]),
+                    timeout=spec["timeout"],
+                    outputs=tuple(spec["outputs"]),
+                    network=bool(spec["network"]),
+                    files={n: base64.b64decode(d) for n, d in spec["files"].items()},
+                )
+            for task_id, attempt, epoch, job_id, index in message["tasks"]:
+                ref = (task_id, attempt, epoch)
+                if ref not in self.running:
+                    self.running[ref] = None
+                    handle = asyncio.create_task(self._run_task(ref, job_id, index))
+                    self._handles.add(handle)
+                    handle.add_done_callback(self._handles.discard)
+        elif kind == "cancel":
+            for raw in message["tasks"]:
+                ref = (int(raw[0]), int(raw[1]), int(raw[2]))
+                why = str(message.get("reason", "cancelled"))
+                running = self.running.get(ref)
+                if running is not None:
+                    running.cancel(why)
+                elif ref in self.running:  # still starting: cancel it as soon as it exists
+                    self.cancelled[ref] = why
+        elif kind == "welcome":
+            self.heartbeat_interval = float(message.get("heartbeat_interval", 1.0))
+            log.warning("joined as node %s", message.get("node_id"))
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    async def _run_task(self, ref: TaskRef, job_id: str, index: int) -> None:
+        job = self.jobs[job_id]
+        workdir = self.paths.work / job_id / f"{index}-{ref[1]}"
+        offset = 0
+
+        def on_output(data: bytes) -> None:
+            nonlocal offset
+            self.outbox.add_output(ref, offset, data)
+            offset += len(data)
+
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            for name, data in job.files.items():
+                (workdir / name).write_bytes(data)
+            env = {
+                **job.env,
+                "MESH_JOB_ID": job_id,
+                "MESH_TASK_INDEX": str(index),
+                "MESH_TASK_COUNT": str(job.count),
+                "MESH_ATTEMPT": str(ref[1]),
+            }
+            launch = TaskLaunch(
+                argv=job.argv, env=env, workdir=workdir, timeout=job.timeout, network=job.network
+            )
+            running = await self.runner.start(launch, on_output)
+            self.running[ref] = running
+            if ref in self.cancelled:
+                running.cancel(self.cancelled.pop(ref))
+            self.outbox.add({"kind": "started", "task": list(ref)})
+            outcome = await running.wait()
+        except (MeshError, OSError) as exc:
+            outcome = TaskOutcome(
+                reason=EndReason.SANDBOX_ERROR,
+                exit_code=None,
+                signal=None,
+                message=f"could not start: {exc}",
+            )
+        outputs, note = collect_outputs(workdir, job.outputs)
+        if note:
+            on_output(note.encode())
+        self.outbox.flush_logs_of(ref)
+        self.outbox.add(
+            {
+                "kind": "ended",
+                "task": list(ref),
+                "end": outcome.reason.value,
+                "exit_code": outcome.exit_code,
+                "signal": outcome.signal,
+                "message": outcome.message,
+                "outputs": {n: base64.b64encode(d).decode() for n, d in outputs.items()},
+            }
+        )
+        self.running.pop(ref, None)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    async def _kill_all(self, why: str) -> None:
+        tasks = [t for t in self.running.values() if t is not None]
+        for task in tasks:
+            task.cancel(why)
+        for task in tasks:
+            with contextlib.suppress(Exception):
+                await task.wait()
+
+
+def collect_outputs(workdir: Path, patterns: tuple[str, ...]) -> tuple[dict[str, bytes], str]:
+    """Files under ``workdir`` matching ``patterns``, within the size cap; and a note if cut."""
+    found: dict[str, bytes] = {}
+    total = 0
+    skipped: list[str] = []
+    root = workdir.resolve()
+    for pattern in patterns:
+        for path in sorted(workdir.glob(pattern)):
+            if path.is_symlink() or not path.is_file():
+                continue  # a symlink could point outside the task's directory
+            name = str(path.relative_to(workdir))
+            if name in found or not path.resolve().is_relative_to(root):
+                continue
+            size = path.stat().st_size
+            if total + size > MAX_OUTPUT_BYTES:
+                skipped.append(name)
+                continue
+            found[name] = path.read_bytes()
+            total += size
+    note = ""
+    if skipped:
+        note = (
+            f"\n[mesh] output files over the {MAX_OUTPUT_BYTES // 2**20} MiB limit were not "
+            f"collected: {', '.join(skipped)}\n"
+        )
+    return found, note

@@ -1,0 +1,222 @@
+"""The `mesh` command. Every command talks to the coordinator through the client library only;
+`init`, `coordinator`, `agent` and `up` are the daemons and set-up steps around it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from planetary_mesh.cli import work
+from planetary_mesh.cli.common import ConfigOption, client_for, err_console
+from planetary_mesh.config import (
+    DEFAULT_PORT,
+    AgentPaths,
+    CoordinatorPaths,
+    default_data_dir,
+    split_listen,
+    user_config_path,
+)
+from planetary_mesh.errors import ConfigError, MeshError
+from planetary_mesh.units import parse_duration, parse_size
+
+app = typer.Typer(
+    name="mesh",
+    help="Planetary Mesh: turn the idle machines of a home, lab or office into one computer.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+token_app = typer.Typer(help="Join tokens for new agents.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+work.register(app)
+
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Where this keeps its files.")]
+
+
+def _daemon_logging() -> None:
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _coordinator_dirs(data_dir: Path | None) -> tuple[CoordinatorPaths, Path]:
+    """The coordinator's folder and the client config that goes with it."""
+    if data_dir is None:
+        return CoordinatorPaths(default_data_dir("coordinator")), user_config_path()
+    return CoordinatorPaths(data_dir), data_dir / "client.toml"
+
+
+@app.command()
+def init(
+    data_dir: DataDir = None,
+    host: Annotated[
+        list[str] | None,
+        typer.Option("--host", help="Name or IP agents and clients use to reach the coordinator."),
+    ] = None,
+    name: Annotated[str, typer.Option("--name", help="The mesh's name.")] = "mesh",
+) -> None:
+    """Make the mesh CA, the coordinator's certificate and an admin client config."""
+    from planetary_mesh.coordinator.bootstrap import init_mesh
+
+    paths, client_config = _coordinator_dirs(data_dir)
+    init_mesh(paths, client_config, list(host or []), mesh_name=name)
+    print(f"mesh created in {paths.root}")
+    print(f"client config: {client_config}")
+    print(f"next: mesh coordinator{f' --data-dir {data_dir}' if data_dir else ''}")
+
+
+@app.command()
+def coordinator(
+    data_dir: DataDir = None,
+    listen: Annotated[
+        str, typer.Option("--listen", help="HOST:PORT to serve on.")
+    ] = f"0.0.0.0:{DEFAULT_PORT}",
+) -> None:
+    """Serve the mesh API over HTTPS with client-certificate authentication."""
+    from planetary_mesh.coordinator.server import serve
+
+    _daemon_logging()
+    paths, client_config = _coordinator_dirs(data_dir)
+    host, port = split_listen(listen)
+    asyncio.run(serve(paths, host, port, client_config))
+
+
+@token_app.command("create")
+def token_create(
+    ttl: Annotated[str, typer.Option("--ttl", help="How long it stays valid.")] = "1h",
+    uses: Annotated[int, typer.Option("--uses", help="How many agents may join with it.")] = 1,
+    unlimited: Annotated[bool, typer.Option("--unlimited", help="Any number of uses.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Print a join token: PMTKN-1-<CA hash>-<secret>."""
+    if uses < 1:
+        raise ConfigError(f"bad --uses {uses}: it must be at least 1 (or use --unlimited)")
+    with client_for(config) as client:
+        print(client.create_token(parse_duration(ttl), None if unlimited else uses))
+
+
+@app.command()
+def agent(
+    coordinator: Annotated[
+        str | None, typer.Option("--coordinator", help="https://HOST:PORT of the coordinator.")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", envvar="MESH_TOKEN", help="Join token (first start).")
+    ] = None,
+    data_dir: DataDir = None,
+    cpus: Annotated[float | None, typer.Option("--cpus", help="CPUs to offer.")] = None,
+    memory: Annotated[str | None, typer.Option("--memory", help="Memory to offer.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Node name.")] = None,
+    no_sandbox: Annotated[
+        bool, typer.Option("--no-sandbox", help="Run tasks unsandboxed if bwrap is missing.")
+    ] = False,
+) -> None:
+    """Join a mesh (first start, with a token) and run the tasks it assigns."""
+    import socket
+
+    from planetary_mesh.agent import probe
+    from planetary_mesh.agent.daemon import Agent
+    from planetary_mesh.agent.join import join, joined_state
+    from planetary_mesh.sandbox.runner import default_runner
+
+    _daemon_logging()
+    paths = AgentPaths(data_dir or default_data_dir("agent"))
+    node_name = name or socket.gethostname()
+    runner = default_runner(allow_unsandboxed=no_sandbox)
+    state = joined_state(paths)
+    if state is None:
+        if not coordinator or not token:
+            raise ConfigError(
+                "this agent has not joined a mesh yet: pass --coordinator URL and --token TOKEN "
+                "(make one with `mesh token create` on the coordinator)"
+            )
+        node_id = join(coordinator, token, node_name, paths)
+        err_console.print(f"joined the mesh as node {node_id}", highlight=False)
+        state = joined_state(paths)
+        assert state is not None
+    offered_cpus = cpus if cpus is not None else probe.detect_cpus()
+    if offered_cpus <= 0:
+        raise ConfigError(f"bad --cpus {cpus}: it must be greater than zero")
+    daemon = Agent(
+        coordinator or state["coordinator"],
+        paths,
+        runner,
+        name=node_name,
+        cpus=offered_cpus,
+        memory=parse_size(memory) if memory else probe.detect_memory(),
+    )
+    asyncio.run(daemon.run())
+
+
+@app.command()
+def up(
+    agents: Annotated[int, typer.Option("--agents", help="How many local agents.")] = 3,
+    data_dir: DataDir = None,
+    listen: Annotated[
+        str, typer.Option("--listen", help="HOST:PORT.")
+    ] = f"127.0.0.1:{DEFAULT_PORT}",
+    agent_cpus: Annotated[
+        float | None, typer.Option("--agent-cpus", help="CPUs each agent offers.")
+    ] = None,
+) -> None:
+    """Start a coordinator and N agents on this machine; Ctrl-C stops them all."""
+    from planetary_mesh.testing import LocalMesh
+
+    if agents < 1:
+        raise ConfigError(f"bad --agents {agents}: it must be at least 1")
+    root = data_dir or default_data_dir("local")
+    mesh = LocalMesh(root, agents=agents, listen=listen, agent_cpus=agent_cpus)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    mesh.start()
+    try:
+        if data_dir is None:
+            _link_user_config(mesh)
+        print(f"coordinator   {mesh.url}")
+        print(f"agents        {agents} (data and logs under {root})")
+        print(f"client config {mesh.client_config}")
+        if data_dir is not None:
+            print(f"try:          MESH_CONFIG={mesh.client_config} mesh run -- echo hello")
+        else:
+            print("try:          mesh run -- echo hello")
+        print("Ctrl-C stops everything.", flush=True)
+        stop.wait()
+    finally:
+        print("stopping...", flush=True)
+        mesh.stop()
+
+
+def _link_user_config(mesh: object) -> None:
+    from planetary_mesh.config import load_client_config, write_client_config
+    from planetary_mesh.testing import LocalMesh
+
+    assert isinstance(mesh, LocalMesh)
+    local = load_client_config(mesh.client_config)
+    write_client_config(user_config_path(), local.coordinator, local.ca, local.cert, local.key)
+
+
+def main() -> None:
+    try:
+        rc = app(standalone_mode=False)
+    except MeshError as exc:
+        err_console.print(f"error: {exc}", highlight=False, markup=False)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The client library: the one way the CLI (and Python users) talk to a coordinator.
+
+It speaks the public REST API over mutual TLS and turns every failure into a
+:class:`~planetary_mesh.errors.MeshError` with a message a person can act on.
+"""
+
+from __future__ import annotations
+
+import base64
+import ssl
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, TypeAdapter
+
+from planetary_mesh.config import ClientConfig, load_client_config
+from planetary_mesh.errors import (
+    ClientError,
+    CoordinatorUnreachable,
+    NotFound,
+    RequestRejected,
+    TrustError,
+)
+from planetary_mesh.pki import tls
+from planetary_mesh.protocol import (
+    AttemptInfo,
+    JobInfo,
+    JobSubmit,
+    LogChunk,
+    NodeInfo,
+    OutputFile,
+)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class Client:
+    def __init__(self, config: ClientConfig, timeout: float = 30.0) -> None:
+        self.config = config
+        try:
+            context = tls.client_ssl_context(config.ca.read_bytes(), config.cert, config.key)
+        except OSError as exc:
+            raise TrustError(
+                f"cannot read the credentials named in {config.source}: {exc}"
+            ) from exc
+        self._http = httpx.Client(base_url=config.coordinator, verify=context, timeout=timeout)
+
+    @classmethod
+    def from_config(cls, path: Path | None = None) -> Client:
+        return cls(load_client_config(path))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.ConnectError as exc:
+            cause = exc.__context__ or exc.__cause__
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                raise TrustError(
+                    f"the server at {self.config.coordinator} is not this mesh's coordinator "
+                    f"(its certificate does not verify against {self.config.ca}: "
+                    f"{cause.verify_message})"
+                ) from exc
+            raise CoordinatorUnreachable(
+                f"cannot reach the coordinator at {self.config.coordinator} ({exc}); is it "
+                f"running? the address comes from {self.config.source}"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise CoordinatorUnreachable(
+                f"the connection to {self.config.coordinator} failed: {exc}; check that the "
+                "coordinator is running and trusts this client's certificate"
+            ) from exc
+        if response.status_code < 400:
+            return response.json()
+        try:
+            message = str(response.json().get("error") or response.text)
+        except ValueError:
+            message = response.text
+        if response.status_code == 404:
+            raise NotFound(message)
+        if response.status_code in (401, 403):
+            raise RequestRejected(f"refused: {message}", response.status_code)
+        if response.status_code < 500:
+            raise RequestRejected(message, response.status_code)
+        raise ClientError(f"the coordinator failed ({response.status_code}): {message}")
+
+    def _model(self, model: type[M], method: str, path: str, **kwargs: Any) -> M:
+        return model.model_validate(self._request(method, path, **kwargs))
+
+    def _models(self, model: type[M], method: str, path: str, **kwargs: Any) -> list[M]:
+        return TypeAdapter(list[model]).validate_python(  # type: ignore[valid-type]
+            self._request(method, path, **kwargs)
+        )
+
+    # -- the API ----------------------------------------------------------------------------
+
+    def health(self) -> dict[str, str]:
+        return dict(self._request("GET", "/healthz"))
+
+    def create_token(self, ttl: float = 3600.0, uses: int | None = 1) -> str:
+        return str(self._request("POST", "/v1/tokens", json={"ttl": ttl, "uses": uses})["token"])
+
+    def submit(self, job: JobSubmit) -> JobInfo:
+        return self._model(JobInfo, "POST", "/v1/jobs", json=job.model_dump())
+
+    def jobs(self, limit: int = 200) -> list[JobInfo]:
+        return self._models(JobInfo, "GET", "/v1/jobs", params={"limit": limit})
+
+    def job(self, job_id: str) -> JobInfo:
+        return self._model(JobInfo, "GET", f"/v1/jobs/{_segment(job_id)}")
+
+    def cancel(self, job_id: str) -> JobInfo:
+        return self._model(JobInfo, "POST", f"/v1/jobs/{_segment(job_id)}/cancel")
+
+    def logs(
+        self, job_id: str, index: int, offset: int = 0, attempt: int | None = None
+    ) -> LogChunk:
+        params: dict[str, int] = {"offset": offset}
+        if attempt is not None:
+            params["attempt"] = attempt
+        return self._model(
+            LogChunk, "GET", f"/v1/jobs/{_segment(job_id)}/tasks/{index}/logs", params=params
+        )
+
+    def outputs(self, job_id: str, index: int) -> dict[str, bytes]:
+        files = self._models(
+            OutputFile, "GET", f"/v1/jobs/{_segment(job_id)}/tasks/{index}/outputs"
+        )
+        return {f.name: base64.b64decode(f.data) for f in files}
+
+    def attempts(self, job_id: str, index: int) -> list[AttemptInfo]:
+        return self._models(
+            AttemptInfo, "GET", f"/v1/jobs/{_segment(job_id)}/tasks/{index}/attempts"
+        )
+
+    def nodes(self) -> list[NodeInfo]:
+        return self._models(NodeInfo, "GET", "/v1/nodes")
+
+
+def _segment(value: str) -> str:
+    """A job id as one URL path segment: anything else is simply not a job."""
+    if not value or not all(c.isalnum() or c in "-_" for c in value):
+        raise NotFound(f"no job {value!r}: job ids are letters and digits (see `mesh jobs`)")
+    return value

@@ -1,0 +1,63 @@
+"""`mesh init`: make a mesh's CA, the coordinator's certificate and an admin's client bundle."""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+from planetary_mesh.config import DEFAULT_PORT, CoordinatorPaths, write_client_config, write_toml
+from planetary_mesh.errors import ConfigError
+from planetary_mesh.pki import certs
+
+SERVER_CERT_LIFETIME = timedelta(days=365)
+USER_CERT_LIFETIME = timedelta(days=365)
+
+
+def default_hosts() -> list[str]:
+    hosts = ["localhost", "127.0.0.1", "::1"]
+    name = socket.gethostname()
+    if name and name not in hosts:
+        hosts.append(name)
+    return hosts
+
+
+def init_mesh(
+    paths: CoordinatorPaths,
+    client_config: Path,
+    hosts: list[str],
+    mesh_name: str = "mesh",
+    port: int = DEFAULT_PORT,
+) -> None:
+    if paths.ca_key.exists():
+        raise ConfigError(
+            f"a mesh already exists in {paths.root}: use it, or pick another --data-dir"
+        )
+    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.root.chmod(0o700)
+    hosts = hosts or default_hosts()
+    ca_cert, ca_key = certs.create_ca(mesh_name)
+    certs.write_private_file(paths.ca_key, certs.key_to_pem(ca_key))
+    certs.write_public_file(paths.ca_cert, certs.cert_to_pem(ca_cert))
+    server_cert, server_key = certs.issue_server_cert(ca_cert, ca_key, hosts, SERVER_CERT_LIFETIME)
+    certs.write_private_file(paths.server_key, certs.key_to_pem(server_key))
+    certs.write_public_file(paths.server_cert, certs.cert_to_pem(server_cert))
+    user_cert, user_key = certs.issue_user_cert(
+        ca_cert, ca_key, "admin", USER_CERT_LIFETIME, admin=True
+    )
+    certs.write_private_file(paths.admin_key, certs.key_to_pem(user_key))
+    certs.write_public_file(paths.admin_cert, certs.cert_to_pem(user_cert))
+    write_toml(paths.settings, {"mesh_name": mesh_name, "hosts": hosts})
+    write_client_config(
+        client_config,
+        coordinator_url(hosts[0], port),
+        paths.ca_cert,
+        paths.admin_cert,
+        paths.admin_key,
+    )
+
+
+def coordinator_url(host: str, port: int) -> str:
+    if ":" in host:
+        host = f"[{host}]"
+    return f"https://{host}:{port}"

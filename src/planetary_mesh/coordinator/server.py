@@ -1,0 +1,91 @@
+"""Run the coordinator: open the store, bind the one HTTPS port, serve until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from pathlib import Path
+
+import uvicorn
+
+from planetary_mesh.config import CoordinatorPaths, read_toml, write_client_config
+from planetary_mesh.coordinator.app import create_app
+from planetary_mesh.coordinator.bootstrap import coordinator_url
+from planetary_mesh.coordinator.peer_cert import PeerCertHttpProtocol, PeerCertWebSocketProtocol
+from planetary_mesh.coordinator.service import CoordinatorService
+from planetary_mesh.errors import ConfigError
+from planetary_mesh.pki import certs, tls
+from planetary_mesh.protocol import MAX_REQUEST_BYTES
+from planetary_mesh.store.sqlite import SQLiteStore
+
+log = logging.getLogger(__name__)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {exc.strerror}; pick another with --listen"
+        ) from exc
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+def public_url(paths: CoordinatorPaths, listen_host: str, port: int) -> str:
+    """The address clients should use: the listen host, or the first certified host."""
+    if listen_host not in ("0.0.0.0", "::"):
+        return coordinator_url(listen_host, port)
+    hosts = read_toml(paths.settings).get("hosts") if paths.settings.exists() else None
+    first = hosts[0] if isinstance(hosts, list) and hosts else "localhost"
+    return coordinator_url(str(first), port)
+
+
+async def serve(paths: CoordinatorPaths, host: str, port: int, client_config: Path | None) -> None:
+    if not paths.ca_key.exists():
+        raise ConfigError(f"no mesh in {paths.root}: run `mesh init --data-dir {paths.root}` first")
+    ca_cert = certs.load_cert_pem(paths.ca_cert.read_bytes())
+    ca_key = certs.load_key_pem(paths.ca_key.read_bytes())
+    store = SQLiteStore(paths.database)
+    service = CoordinatorService(store, ca_cert, ca_key)
+    app = create_app(service)
+    sock = bind_socket(host, port)
+    actual_port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        http=PeerCertHttpProtocol,
+        ws=PeerCertWebSocketProtocol,
+        ws_max_size=MAX_REQUEST_BYTES,
+        ws_ping_interval=5.0,
+        ws_ping_timeout=10.0,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=2,
+    )
+    config.load()
+    # Our own context: client certificates are optional at the TLS layer (for /healthz and
+    # joining) and required by the app everywhere else.
+    config.ssl = tls.server_ssl_context(paths.ca_cert, paths.server_cert, paths.server_key)
+    server = uvicorn.Server(config)
+    url = public_url(paths, host, actual_port)
+    if client_config is not None and client_config.exists():
+        write_client_config(client_config, url, paths.ca_cert, paths.admin_cert, paths.admin_key)
+    scheduler = asyncio.create_task(service.run_scheduler())
+    paths.url_file.write_text(url + "\n")
+    log.warning("coordinator listening on %s (data in %s)", url, paths.root)
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        scheduler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await scheduler
+        paths.url_file.unlink(missing_ok=True)
+        store.close()
+        sock.close()

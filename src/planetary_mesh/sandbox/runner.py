@@ -1,0 +1,287 @@
+"""How a task's processes are started, watched and killed: what every runner promises, and the
+process plumbing the runners share.
+
+A :class:`Runner` turns a :class:`TaskLaunch` into a :class:`RunningTask`, whose ``wait()`` gives
+one :class:`TaskOutcome` and only once *nothing* the task started is still alive. A task that is
+reported finished while a daemonised child still writes into its work directory would hand that
+directory, and its CPU, to whatever comes next.
+
+Failing to start shows up in one of two places, and the caller treats both alike:
+
+- ``start()`` raises :class:`SandboxError` when nothing could be started at all (the command or
+  the bwrap binary is missing, bwrap gave up before it made the sandbox). The message says what
+  went wrong without a "could not start" prefix, which the caller adds.
+- ``wait()`` returns ``EndReason.SANDBOX_ERROR`` when bwrap made the sandbox but the command never
+  ran in it (a bind failed, the command was not found inside).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+import shutil
+import signal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+from planetary_mesh.errors import SandboxError
+
+log = logging.getLogger(__name__)
+
+OutputSink = Callable[[bytes], None]
+
+DEFAULT_PATH = "/usr/bin:/bin"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Once the process tree is gone its output pipe reaches EOF at once, unless something we could
+# not find (the unsandboxed runner's setsid + double-fork escape) holds it open: stop reading then.
+OUTPUT_GRACE_S = 0.5
+# How much output to keep for error messages: bwrap's own complaint is its last line.
+_TAIL_BYTES = 2048
+
+
+class EndReason(StrEnum):
+    """Why a task ended, in the plain words users read (and the coordinator stores)."""
+
+    EXITED = "exited"  # the command exited, with any exit code
+    SIGNALLED = "signalled"  # a signal that did not come from us killed it
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    SANDBOX_ERROR = "sandbox_error"  # the command never ran
+
+
+@dataclass(frozen=True)
+class TaskLaunch:
+    """Everything a runner needs to start one task. Checked on creation, so a bad one fails early.
+
+    ``env`` is the task's whole environment, over defaults for PATH (``/usr/bin:/bin``) and HOME
+    (the work directory as the task sees it); PWD is set to that directory too.
+    """
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    workdir: Path  # a host directory, already created and holding the inputs; the task's cwd
+    timeout: float | None  # wall-clock seconds from start
+    network: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.argv:
+            raise SandboxError("the task has no command to run")
+        if any("\0" in arg for arg in self.argv):
+            raise SandboxError("the task's command holds a NUL character")
+        for name, value in self.env.items():
+            if not _ENV_NAME.fullmatch(name):
+                raise SandboxError(
+                    f"environment variable name {name!r} is not allowed: use letters, digits"
+                    " and _, not starting with a digit"
+                )
+            if "\0" in value:
+                raise SandboxError(f"environment variable {name} holds a NUL character")
+        if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise SandboxError(f"timeout must be a positive number of seconds, not {self.timeout}")
+
+    def environment(self, cwd: str) -> dict[str, str]:
+        """The task's environment when its work directory appears at ``cwd``."""
+        return {"PATH": DEFAULT_PATH, "HOME": cwd, **self.env, "PWD": cwd}
+
+    def check_workdir(self) -> None:
+        if not self.workdir.is_dir():
+            raise SandboxError(f"the task's work directory {self.workdir} does not exist")
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    reason: EndReason
+    exit_code: int | None  # set for EXITED
+    signal: int | None  # set for SIGNALLED
+    message: str  # one sentence for people
+
+    @classmethod
+    def exited(cls, code: int) -> TaskOutcome:
+        return cls(EndReason.EXITED, code, None, f"exit code {code}")
+
+    @classmethod
+    def signalled(cls, signum: int) -> TaskOutcome:
+        return cls(EndReason.SIGNALLED, None, signum, f"killed by signal {signal_name(signum)}")
+
+    @classmethod
+    def timed_out(cls, seconds: float) -> TaskOutcome:
+        return cls(EndReason.TIMEOUT, None, None, f"timed out after {seconds:g}s")
+
+    @classmethod
+    def cancelled(cls, why: str) -> TaskOutcome:
+        return cls(EndReason.CANCELLED, None, None, f"cancelled: {why}")
+
+    @classmethod
+    def could_not_start(cls, detail: str) -> TaskOutcome:
+        return cls(EndReason.SANDBOX_ERROR, None, None, f"could not start: {detail}")
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class RunningTask(Protocol):
+    pid: int
+
+    async def wait(self) -> TaskOutcome:
+        """The outcome, once the task and all its descendants are gone; enforces the timeout."""
+        ...
+
+    def cancel(self, why: str) -> None:
+        """Kill the whole tree now; idempotent. A task that has already ended keeps its outcome."""
+        ...
+
+
+class Runner(Protocol):
+    name: str  # "bwrap" or "none", as the agent reports it
+    sandboxed: bool
+
+    async def start(self, launch: TaskLaunch, on_output: OutputSink) -> RunningTask:
+        """Start the task; stdout and stderr come merged to ``on_output`` in chunks as read."""
+        ...
+
+
+def default_runner(allow_unsandboxed: bool) -> Runner:
+    """bwrap when it is installed and works here; unsandboxed only when the operator asked."""
+    # Imported here because both runners import this module.
+    from planetary_mesh.sandbox.bwrap import BwrapRunner, bwrap_problem
+    from planetary_mesh.sandbox.plain import PlainRunner
+
+    executable = shutil.which("bwrap")
+    if executable is None:
+        problem = "bubblewrap (bwrap) is not installed"
+        remedy = "install it (apt-get install bubblewrap)"
+    else:
+        problem = bwrap_problem(executable) or ""
+        remedy = "make bwrap work for this user (it needs user namespaces)"
+        if not problem:
+            return BwrapRunner(executable)
+    if not allow_unsandboxed:
+        raise SandboxError(
+            f"{problem}, so tasks cannot be sandboxed: {remedy} or start the agent with"
+            " --no-sandbox to run tasks unsandboxed"
+        )
+    log.warning(
+        "RUNNING TASKS WITHOUT A SANDBOX (--no-sandbox): %s. Every task can read, change and"
+        " delete whatever this agent's user can, and reach the network.",
+        problem,
+    )
+    return PlainRunner()
+
+
+class ProcessPipes(asyncio.SubprocessProtocol):
+    """Hands the merged output on as it is read, and says when the process and its output end."""
+
+    def __init__(self, on_output: OutputSink) -> None:
+        loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.output_closed: asyncio.Future[None] = loop.create_future()
+        self._on_output = on_output
+        self._tail = b""
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        self._tail = (self._tail + data)[-_TAIL_BYTES:]
+        try:
+            self._on_output(data)
+        except Exception:
+            # A broken consumer must not stop the reading: the task would block on a full pipe.
+            log.exception("the task output callback failed; output is lost, the task goes on")
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if not self.output_closed.done():
+            self.output_closed.set_result(None)
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    def last_line(self) -> str:
+        lines = self._tail.decode(errors="replace").strip().splitlines()
+        return lines[-1].strip() if lines else ""
+
+
+class ProcessTask:
+    """A running task made of one host process and everything it starts.
+
+    The main process's exit decides the outcome (unless we killed it first); then whatever is left
+    of the tree is killed and waited for. Subclasses say how to kill the tree (synchronously, so
+    that ``cancel`` and the timeout act at once), how to know it is gone, and how to read an exit
+    status.
+    """
+
+    def __init__(
+        self,
+        launch: TaskLaunch,
+        transport: asyncio.SubprocessTransport,
+        pipes: ProcessPipes,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.pid: int = transport.get_pid()
+        self._transport = transport
+        self._pipes = pipes
+        self._ending: TaskOutcome | None = None  # why we killed it; wins over its exit status
+        timeout = launch.timeout
+        self._timer = (
+            None
+            if timeout is None
+            else loop.call_later(timeout, self._end, TaskOutcome.timed_out(timeout))
+        )
+        self._outcome = loop.create_task(self._supervise())
+
+    async def wait(self) -> TaskOutcome:
+        # Shielded: a caller that stops waiting must not stop the supervision of the tree.
+        return await asyncio.shield(self._outcome)
+
+    def cancel(self, why: str) -> None:
+        self._end(TaskOutcome.cancelled(why))
+
+    def _end(self, outcome: TaskOutcome) -> None:
+        if self._ending is not None or self._pipes.exited.done():
+            return
+        self._ending = outcome
+        self._kill_tree()
+
+    async def _supervise(self) -> TaskOutcome:
+        try:
+            await self._pipes.exited
+            if self._timer is not None:
+                self._timer.cancel()
+            ending = self._ending
+            returncode = self._transport.get_returncode()
+            assert returncode is not None  # the process has exited
+            # What the main process started ends with it: the task is one unit.
+            self._kill_tree()
+            await self._wait_tree_gone()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._pipes.output_closed), OUTPUT_GRACE_S)
+            return ending or self._outcome_of(returncode)
+        except BaseException:
+            self._kill_tree()  # the loop is shutting down: leave nothing running behind
+            raise
+        finally:
+            self._transport.close()  # after this no more output is delivered
+            self._release()
+
+    def _kill_tree(self) -> None:
+        raise NotImplementedError
+
+    async def _wait_tree_gone(self) -> None:
+        raise NotImplementedError
+
+    def _outcome_of(self, returncode: int) -> TaskOutcome:
+        """The outcome of a main process that ended by itself (``returncode`` as asyncio gives)."""
+        if returncode < 0:
+            return TaskOutcome.signalled(-returncode)
+        return TaskOutcome.exited(returncode)
+
+    def _release(self) -> None:
+        """Free what the subclass holds (file descriptors) once the task is over."""

@@ -1,0 +1,234 @@
+"""The task runners with real processes: output, exit statuses, environment, files, timeouts,
+and above all that killing a task leaves no process of it behind."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import psutil
+import pytest
+
+from planetary_mesh.errors import SandboxError
+from planetary_mesh.sandbox.bwrap import BwrapRunner, bwrap_problem
+from planetary_mesh.sandbox.plain import PlainRunner
+from planetary_mesh.sandbox.runner import (
+    EndReason,
+    Runner,
+    TaskLaunch,
+    TaskOutcome,
+    default_runner,
+)
+
+BWRAP = shutil.which("bwrap")
+BWRAP_PROBLEM = "bwrap is not installed" if BWRAP is None else bwrap_problem(BWRAP)
+needs_bwrap = pytest.mark.skipif(BWRAP_PROBLEM is not None, reason=str(BWRAP_PROBLEM))
+
+
+@pytest.fixture(params=["none", pytest.param("bwrap", marks=needs_bwrap)])
+def runner(request: pytest.FixtureRequest) -> Runner:
+    return PlainRunner() if request.param == "none" else BwrapRunner()
+
+
+@pytest.fixture
+def bwrap_runner() -> Runner:
+    if BWRAP_PROBLEM is not None:
+        pytest.skip(BWRAP_PROBLEM)
+    return BwrapRunner()
+
+
+@pytest.fixture
+def marker() -> Iterator[str]:
+    """A string only this test's processes carry; kills any left over, whatever the test did."""
+    mark = f"pm-test-{uuid.uuid4().hex}"
+    yield mark
+    for proc in marked(mark):
+        proc.kill()
+
+
+def marked(mark: str) -> list[psutil.Process]:
+    """Live processes with ``mark`` in their command line or environment."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if any(mark in arg for arg in proc.cmdline()) or mark in proc.environ().values():
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def launch(
+    argv: Sequence[str],
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    timeout: float | None = 10.0,
+    network: bool = False,
+) -> TaskLaunch:
+    return TaskLaunch(tuple(argv), env or {}, workdir, timeout, network)
+
+
+async def run_task(runner: Runner, task_launch: TaskLaunch) -> tuple[TaskOutcome, bytes]:
+    chunks: list[bytes] = []
+    task = await runner.start(task_launch, chunks.append)
+    try:
+        outcome = await task.wait()
+    finally:
+        task.cancel("the test is over")  # a no-op if it ended; a kill if the test failed
+    return outcome, b"".join(chunks)
+
+
+def run(runner: Runner, task_launch: TaskLaunch) -> tuple[TaskOutcome, bytes]:
+    return asyncio.run(run_task(runner, task_launch))
+
+
+async def until(condition: Callable[[], bool], deadline_s: float = 5.0) -> None:
+    end = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < end, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def test_output_of_stdout_and_stderr_is_collected(runner: Runner, tmp_path: Path) -> None:
+    outcome, output = run(runner, launch(["sh", "-c", "echo hello; echo oops >&2"], tmp_path))
+    assert outcome == TaskOutcome(EndReason.EXITED, 0, None, "exit code 0")
+    assert output == b"hello\noops\n"
+
+
+def test_exit_code_is_reported(runner: Runner, tmp_path: Path) -> None:
+    outcome, _ = run(runner, launch(["sh", "-c", "exit 3"], tmp_path))
+    assert outcome == TaskOutcome(EndReason.EXITED, 3, None, "exit code 3")
+
+
+def test_death_by_signal_is_reported(runner: Runner, tmp_path: Path) -> None:
+    outcome, _ = run(runner, launch(["sh", "-c", "kill -SEGV $$"], tmp_path))
+    assert outcome == TaskOutcome(EndReason.SIGNALLED, None, 11, "killed by signal SIGSEGV")
+
+
+def test_task_sees_only_the_environment_it_was_given(
+    runner: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PM_AGENT_SECRET", "hunter2")
+    home = "/work" if runner.sandboxed else str(tmp_path.resolve())
+    _, output = run(runner, launch(["env"], tmp_path, env={"GREETING": "hi"}))
+    assert set(output.decode().splitlines()) == {
+        "GREETING=hi",
+        "PATH=/usr/bin:/bin",
+        f"HOME={home}",
+        f"PWD={home}",
+    }
+    _, output = run(runner, launch(["env"], tmp_path, env={"HOME": "/nowhere", "PATH": "/usr/bin"}))
+    assert {"HOME=/nowhere", "PATH=/usr/bin"} <= set(output.decode().splitlines())
+
+
+def test_task_reads_and_writes_its_work_directory(runner: Runner, tmp_path: Path) -> None:
+    (tmp_path / "input.txt").write_text("the input\n")
+    script = "cat input.txt; echo made > output.txt; cat $HOME/input.txt"
+    outcome, output = run(runner, launch(["sh", "-c", script], tmp_path))
+    assert outcome.reason is EndReason.EXITED and outcome.exit_code == 0
+    assert output == b"the input\nthe input\n"
+    assert (tmp_path / "output.txt").read_text() == "made\n"
+
+
+def test_timeout_kills_the_task_promptly(runner: Runner, tmp_path: Path) -> None:
+    started = time.monotonic()
+    outcome, _ = run(runner, launch(["sleep", "30"], tmp_path, timeout=1))
+    assert outcome == TaskOutcome(EndReason.TIMEOUT, None, None, "timed out after 1s")
+    assert time.monotonic() - started < 3
+
+
+def test_missing_command_could_not_start(runner: Runner, tmp_path: Path) -> None:
+    # The plain runner fails in start(), bwrap only once its sandbox is made; the agent reports
+    # both the same way.
+    try:
+        outcome, _ = run(runner, launch(["no-such-command-here"], tmp_path))
+    except SandboxError as error:
+        outcome = TaskOutcome.could_not_start(str(error))
+    assert outcome.reason is EndReason.SANDBOX_ERROR
+    assert outcome.message.startswith("could not start: ")
+    assert "no-such-command-here" in outcome.message
+
+
+def test_bad_environment_names_are_refused(tmp_path: Path) -> None:
+    for name in ("BAD-NAME", "1ABC", "A=B", ""):
+        with pytest.raises(SandboxError, match="environment variable name"):
+            launch(["true"], tmp_path, env={name: "x"})
+
+
+def test_cancel_kills_the_whole_tree(runner: Runner, tmp_path: Path, marker: str) -> None:
+    # Under bwrap the grandchild escapes into its own session (setsid); with the plain runner
+    # it does too, but its parent stays alive, so it is still found as a descendant.
+    script = f'setsid sh -c "sleep 300; : {marker}" & sleep 300; : {marker}'
+
+    async def scenario() -> TaskOutcome:
+        task_launch = launch(["sh", "-c", script], tmp_path, {"MARK": marker})
+        task = await runner.start(task_launch, lambda chunk: None)
+        try:
+            await until(lambda: sum(p.name() == "sleep" for p in marked(marker)) == 2)
+            task.cancel("no longer wanted")
+            task.cancel("asked twice")
+            return await task.wait()
+        finally:
+            task.cancel("the test is over")
+
+    outcome = asyncio.run(scenario())
+    assert outcome == TaskOutcome(EndReason.CANCELLED, None, None, "cancelled: no longer wanted")
+    assert marked(marker) == []  # at once: wait() returns only when the tree is gone
+
+
+def test_stragglers_die_when_the_task_exits(runner: Runner, tmp_path: Path, marker: str) -> None:
+    # The plain runner cannot catch setsid + exit of the parent (documented); bwrap can.
+    escape = "setsid " if runner.sandboxed else ""
+    script = f'{escape}sh -c "sleep 300; : {marker}" & echo left; : {marker}'
+    outcome, output = run(runner, launch(["sh", "-c", script], tmp_path, {"MARK": marker}))
+    assert outcome.reason is EndReason.EXITED and outcome.exit_code == 0
+    assert output == b"left\n"
+    assert marked(marker) == []
+
+
+def test_bwrap_hides_the_host(bwrap_runner: Runner, tmp_path: Path) -> None:
+    outcome, output = run(bwrap_runner, launch(["ls", "-a", "/"], tmp_path))
+    assert outcome.exit_code == 0
+    seen = set(output.decode().split())
+    assert "root" not in seen and "home" not in seen and "etc" not in seen
+    assert {"usr", "work", "tmp", "proc", "dev"} <= seen
+    outcome, _ = run(bwrap_runner, launch(["sh", "-c", "test -e /root || test -e /home"], tmp_path))
+    assert outcome.exit_code == 1
+
+
+def test_bwrap_has_no_network_unless_asked(bwrap_runner: Runner, tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        connect = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)"
+        argv = ["/usr/bin/python3", "-c", connect]
+        closed, output = run(bwrap_runner, launch(argv, tmp_path))
+        assert closed.reason is EndReason.EXITED and closed.exit_code == 1
+        assert b"Errno" in output
+        # The same connection works when the job asks for the network: the test is not vacuous.
+        opened, output = run(bwrap_runner, launch(argv, tmp_path, network=True))
+        assert opened.exit_code == 0, output
+
+
+def test_default_runner_prefers_bwrap(bwrap_runner: Runner) -> None:
+    chosen = default_runner(allow_unsandboxed=False)
+    assert (chosen.name, chosen.sandboxed) == ("bwrap", True)
+
+
+def test_default_runner_without_bwrap(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(SandboxError, match=r"not installed.*--no-sandbox"):
+        default_runner(allow_unsandboxed=False)
+    with caplog.at_level(logging.WARNING):
+        chosen = default_runner(allow_unsandboxed=True)
+    assert (chosen.name, chosen.sandboxed) == ("none", False)
+    assert "WITHOUT A SANDBOX" in caplog.text

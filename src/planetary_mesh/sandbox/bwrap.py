@@ -153,7 +153,7 @@ class _BwrapTask(ProcessTask):
     async def _wait_tree_gone(self) -> None:
         if self._init_pidfd is not None:
             try:
-                pass
+                await asyncio.wait_for(_readable(self._init_pidfd), TREE_GONE_TIMEOUT_S)
             except TimeoutError:
                 log.error(
                     "task %d: its sandbox is still not gone %gs after it was killed; giving up",

@@ -1,0 +1,99 @@
+"""The service places a 10,000-task array in batches: one message per node per round, not one
+round trip per task; higher priority first, then oldest. Real SQLite, no network."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from planetary_mesh.coordinator.service import CoordinatorService
+from planetary_mesh.coordinator.sessions import AgentSession
+from planetary_mesh.core.states import TaskState
+from planetary_mesh.pki import certs
+from planetary_mesh.protocol import Hello, JobSubmit, Report
+from planetary_mesh.store.sqlite import SQLiteStore
+
+MIB = 2**20
+
+
+def _service(tmp_path: Path) -> CoordinatorService:
+    ca_cert, ca_key = certs.create_ca("test")
+    return CoordinatorService(SQLiteStore(tmp_path / "mesh.db"), ca_cert, ca_key)
+
+
+def _connect(service: CoordinatorService, node_id: str, cpus: float) -> AgentSession:
+    service.store.add_node(node_id, node_id, 1, 0.0)
+    hello = Hello(
+        type="hello",
+        name=node_id,
+        cpus=cpus,
+        memory=64 * 1024 * MIB,
+        sandbox="bwrap",
+        version="test",
+        held=[],
+    )
+    return service.agent_connected(node_id, hello)
+
+
+def _drain(session: AgentSession) -> list[dict[str, Any]]:
+    messages = []
+    while not session.outbox.empty():
+        messages.append(session.outbox.get_nowait())
+    return [m for m in messages if m["type"] == "assign"]
+
+
+def test_a_10000_task_array_goes_out_in_one_message_per_node(tmp_path: Path) -> None:
+    service = _service(tmp_path)
+    job = service.submit("alice", JobSubmit(argv=["true"], count=10_000, cpus=0.1, memory=MIB))
+    assert job.counts and sum(job.counts.values()) == 10_000
+    a = _connect(service, "n-a", cpus=100)
+    b = _connect(service, "n-b", cpus=50)
+    _drain(a), _drain(b)
+
+    service.schedule_round()
+
+    to_a, to_b = _drain(a), _drain(b)
+    assert len(to_a) == 1 and len(to_b) == 1
+    assert len(to_a[0]["tasks"]) == 1000 and len(to_b[0]["tasks"]) == 500
+    # The job's spec travels once per session, not once per task.
+    assert list(to_a[0]["jobs"]) == [job.id]
+    indexes = sorted(t[4] for t in to_a[0]["tasks"] + to_b[0]["tasks"])
+    assert indexes == list(range(1500))  # oldest first: the lowest indexes went out
+    nodes = {n.id: n for n in service.store.nodes()}
+    assert nodes["n-a"].used_cpus <= 100 + 1e-6 and nodes["n-b"].used_cpus <= 50 + 1e-6
+
+    # Nothing more fits: another round sends nothing and assigns nothing.
+    service.schedule_round()
+    assert _drain(a) == [] and _drain(b) == []
+    counts = service.job(job.id).counts
+    assert counts[TaskState.ASSIGNED] == 1500 and counts[TaskState.PENDING] == 8500
+
+
+def test_higher_priority_goes_first_and_a_known_job_is_not_resent(tmp_path: Path) -> None:
+    service = _service(tmp_path)
+    low = service.submit("alice", JobSubmit(argv=["true"], count=4, cpus=1, memory=MIB))
+    high = service.submit("bob", JobSubmit(argv=["true"], count=2, cpus=1, priority=5, memory=MIB))
+    node = _connect(service, "n-a", cpus=3)
+    _drain(node)
+    service.schedule_round()
+    (first,) = _drain(node)
+    assert [t[3] for t in first["tasks"]] == [high.id, high.id, low.id]
+    assert set(first["jobs"]) == {high.id, low.id}
+
+    # One of them ends: the next batch names the job without resending its spec.
+    task_id, attempt, epoch = first["tasks"][2][:3]
+    ended = {
+        "kind": "ended",
+        "task": [task_id, attempt, epoch],
+        "end": "exited",
+        "exit_code": 0,
+        "signal": None,
+        "message": "exit code 0",
+    }
+    report = Report.model_validate_json(json.dumps({"type": "report", "seq": 1, "events": [ended]}))
+    service.agent_report(node, report)
+    service.schedule_round()
+    (second,) = _drain(node)
+    assert second["jobs"] == {}
+    assert [t[3] for t in second["tasks"]] == [low.id]

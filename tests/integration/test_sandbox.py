@@ -114,6 +114,12 @@ def test_output_of_stdout_and_stderr_is_collected(runner: Runner, tmp_path: Path
     assert output == b"hello\noops\n"
 
 
+def test_large_output_arrives_whole_before_wait_returns(runner: Runner, tmp_path: Path) -> None:
+    outcome, output = run(runner, launch(["head", "-c", "5000000", "/dev/zero"], tmp_path))
+    assert outcome.exit_code == 0
+    assert len(output) == 5_000_000
+
+
 def test_exit_code_is_reported(runner: Runner, tmp_path: Path) -> None:
     outcome, _ = run(runner, launch(["sh", "-c", "exit 3"], tmp_path))
     assert outcome == TaskOutcome(EndReason.EXITED, 3, None, "exit code 3")
@@ -235,6 +241,29 @@ def test_bwrap_has_no_network_unless_asked(bwrap_runner: Runner, tmp_path: Path)
         # The same connection works when the job asks for the network: the test is not vacuous.
         opened, output = run(bwrap_runner, launch(argv, tmp_path, network=True))
         assert opened.exit_code == 0, output
+
+
+@pytest.fixture
+def broken_bwrap(tmp_path: Path) -> str:
+    """A stand-in for a bwrap that refuses, as it does where user namespaces are off."""
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def test_bwrap_that_makes_no_sandbox_fails_to_start(broken_bwrap: str, tmp_path: Path) -> None:
+    with pytest.raises(SandboxError, match=r"^bwrap: No permissions to create new namespace$"):
+        run(BwrapRunner(broken_bwrap), launch(["true"], tmp_path))
+
+
+def test_default_runner_with_a_broken_bwrap(
+    broken_bwrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: broken_bwrap)
+    with pytest.raises(SandboxError, match=r"cannot make a sandbox here \(bwrap: No perm"):
+        default_runner(allow_unsandboxed=False)
+    assert default_runner(allow_unsandboxed=True).name == "none"
 
 
 def test_default_runner_prefers_bwrap(bwrap_runner: Runner) -> None:

@@ -89,6 +89,8 @@ class BwrapRunner:
         loop = asyncio.get_running_loop()
         status_read, status_write = os.pipe()
         try:
+            # Spawned from the event loop's thread, which lives as long as the agent: bwrap's
+            # --die-with-parent fires when the *thread* that forked it ends.
             transport, pipes = await loop.subprocess_exec(
                 functools.partial(ProcessPipes, on_output),
                 *self.command(launch, status_write),
@@ -227,8 +229,9 @@ def _sandbox_init_pidfd(info: dict[str, object]) -> int | None:
         return None
     # The pidfd pins the pid, so this check is free of races: is it still the process bwrap
     # named, and not a newcomer that reused its pid after a very short task?
+    namespace = info.get("pid-namespace")
     with contextlib.suppress(OSError):
-        if os.stat(f"/proc/{pid}/ns/pid").st_ino != info.get("pid-namespace"):
+        if isinstance(namespace, int) and os.stat(f"/proc/{pid}/ns/pid").st_ino != namespace:
             os.close(pidfd)
             return None
     return pidfd

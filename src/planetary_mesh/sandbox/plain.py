@@ -63,9 +63,7 @@ class PlainRunner:
                 start_new_session=True,
             )
         except OSError as error:
-            raise SandboxError(
-                f"cannot run {launch.argv[0]!r}: {error.strerror or error}"
-            ) from error
+            raise SandboxError(f"{launch.argv[0]}: {error.strerror or error}") from error
         return _PlainTask(launch, transport, pipes)
 
 

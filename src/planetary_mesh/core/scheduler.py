@@ -42,6 +42,7 @@ def plan_placements(nodes: Iterable[NodeCapacity], queue: Sequence[Demand]) -> l
     placements: list[Placement] = []
     # Once a (cpus, memory) demand fits nowhere, every later task with at least that demand
     # cannot fit either: remembering it keeps a 10,000-task array from costing 10,000 scans.
+    # Only the minimal such demands are kept (a Pareto frontier), so the check stays short.
     unplaceable: list[tuple[float, int]] = []
     for demand in queue:
         if not free:
@@ -54,6 +55,9 @@ def plan_placements(nodes: Iterable[NodeCapacity], queue: Sequence[Demand]) -> l
             if cpus + _EPSILON >= demand.cpus and memory >= demand.memory and cpus > best_cpus:
                 best, best_cpus = node_id, cpus
         if best is None:
+            unplaceable = [
+                (c, m) for c, m in unplaceable if not (c >= demand.cpus and m >= demand.memory)
+            ]
             unplaceable.append((demand.cpus, demand.memory))
             continue
         slot = free[best]

@@ -174,3 +174,23 @@ def test_listings_have_json_with_the_documented_fields(mesh: LocalMesh) -> None:
     for task in status["task_list"]:
         assert {"index", "state", "node", "exit_code", "reason", "attempts"} <= task.keys()
         assert task["state"] == "succeeded" and task["exit_code"] == 0
+
+
+def test_logs_follow_prints_output_as_it_comes_across_a_retry(mesh: LocalMesh) -> None:
+    job_id = _mesh(
+        mesh,
+        "submit",
+        "--retries",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        'echo "try $MESH_ATTEMPT"; sleep 2; echo "end $MESH_ATTEMPT"; test "$MESH_ATTEMPT" = 2',
+    ).stdout.strip()
+    with mesh.client() as client:
+        wait_for(lambda: output_of(client, job_id, 0) == "try 1\n", 30, "the first attempt")
+    followed = _mesh(mesh, "logs", job_id, "-f")
+    assert followed.returncode == 0
+    assert followed.stdout == "try 1\nend 1\ntry 2\nend 2\n"
+    # Without -f: the current attempt's output, at once.
+    assert _mesh(mesh, "logs", job_id).stdout == "try 2\nend 2\n"

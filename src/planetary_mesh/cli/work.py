@@ -22,8 +22,8 @@ from planetary_mesh.cli.common import (
     table,
 )
 from planetary_mesh.client import Client
-from planetary_mesh.errors import ConfigError
-from planetary_mesh.protocol import JobInfo, JobSubmit
+from planetary_mesh.errors import ConfigError, NotFound
+from planetary_mesh.protocol import JobInfo, JobSubmit, TaskInfo
 from planetary_mesh.units import format_duration, format_size, parse_duration, parse_size
 
 POLL_INTERVAL = 0.2
@@ -242,17 +242,16 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Print a task's output (stdout and stderr together)."""
         with client_for(config) as client:
-            client.job(job_id)
-            offset = 0
+            if follow:
+                follow_task(client, job_id, task)
+                return
+            chunk = client.logs(job_id, task)
             while True:
-                chunk = client.logs(job_id, task, offset)
                 sys.stdout.buffer.write(base64.b64decode(chunk.data))
-                sys.stdout.flush()
-                offset = chunk.next_offset
-                if not follow or (chunk.ended and chunk.next_offset == chunk.offset):
-                    break
                 if chunk.next_offset == chunk.offset:
-                    time.sleep(POLL_INTERVAL)
+                    break
+                chunk = client.logs(job_id, task, chunk.next_offset, chunk.attempt)
+            sys.stdout.flush()
 
     @app.command()
     def cancel(
@@ -376,31 +375,44 @@ def _all_output(client: Client, job_id: str, index: int) -> str:
         offset = chunk.next_offset
 
 
-def _follow_single(client: Client, job: JobInfo) -> JobInfo:
+def follow_task(client: Client, job_id: str, index: int) -> None:
+    """Print a task's output as it comes until the task ends, following retries."""
     offset, attempt = 0, None
     while True:
-        chunk = client.logs(job.id, 0, offset, attempt)
+        chunk = client.logs(job_id, index, offset, attempt)
         if attempt is None and chunk.attempt > 0:
             attempt = chunk.attempt
         sys.stdout.buffer.write(base64.b64decode(chunk.data))
         sys.stdout.flush()
         offset = chunk.next_offset
         if chunk.next_offset > chunk.offset:
-            continue  # more may be waiting: read on before asking about the job
-        job = client.job(job.id)
-        task = job.task_list[0] if job.task_list else None
-        if job.state in _ENDED_JOB:
-            # Output is committed before the end it precedes, so one more read drains it.
-            chunk = client.logs(job.id, 0, offset, attempt)
-            sys.stdout.buffer.write(base64.b64decode(chunk.data))
-            sys.stdout.flush()
-            if task is not None and task.state != "succeeded":
-                err_console.print(f"task 0 {task.state}: {task.reason}", highlight=False)
-            return job
-        if task is not None and attempt is not None and task.attempts != attempt:
-            attempt, offset = task.attempts, 0  # a retry: follow the new attempt
-            err_console.print(f"attempt {attempt} starts", highlight=False)
+            continue  # more may be waiting: read on before asking about the task
+        if chunk.ended:
+            task = _task(client, job_id, index)
+            if task.state in _ENDED_JOB:
+                return  # output is committed before the end it precedes: nothing is missing
+            if task.attempts != attempt:
+                attempt, offset = task.attempts, 0  # a retry: follow the new attempt
+                err_console.print(f"task {index}: attempt {attempt}", highlight=False)
+                continue
         time.sleep(POLL_INTERVAL)
+
+
+def _task(client: Client, job_id: str, index: int) -> TaskInfo:
+    job = client.job(job_id)
+    for task in job.task_list or []:
+        if task.index == index:
+            return task
+    raise NotFound(f"job {job_id} has no task {index}")
+
+
+def _follow_single(client: Client, job: JobInfo) -> JobInfo:
+    follow_task(client, job.id, 0)
+    final = client.job(job.id)
+    task = final.task_list[0] if final.task_list else None
+    if task is not None and task.state != "succeeded":
+        err_console.print(f"task 0 {task.state}: {task.reason}", highlight=False)
+    return final
 
 
 def job_exit_code(job: JobInfo) -> int:

@@ -161,13 +161,19 @@ class CoordinatorService:
         data, next_offset = self.store.logs(task_id, attempt, offset)
         task = self.store.task(job_id, index)
         assert task is not None
-        ended = task.state.ended or task.attempt != attempt or task.state is TaskState.PENDING
+        # No more output will come for this attempt once the task ended, or once the attempt
+        # was superseded (a newer one exists, or it was put back in the queue).
+        ended = (
+            task.state.ended
+            or task.attempt != attempt
+            or (task.state is TaskState.PENDING and attempt > 0)
+        )
         return LogChunk(
             attempt=attempt,
             offset=offset,
             next_offset=next_offset,
             data=base64.b64encode(data).decode(),
-            ended=ended and attempt > 0,
+            ended=ended,
         )
 
     # -- agent sessions ---------------------------------------------------------------------

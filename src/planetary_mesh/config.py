@@ -172,7 +172,7 @@ def write_toml(path: Path, data: Mapping[str, object]) -> None:
 def split_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT``, ``[::1]:PORT`` or ``:PORT`` → (host, port)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
+    if not sep or not (port.isascii() and port.isdecimal()) or int(port) > 65535:
         raise ConfigError(f"bad listen address {text!r}: write HOST:PORT, e.g. 0.0.0.0:7443")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)

@@ -22,7 +22,9 @@ def parse_duration(text: str) -> float:
             f"bad duration {text!r}: write a number with an optional unit, e.g. 30s, 5m, 1h, 2d"
         )
     value = float(match.group(1)) * _DURATION_UNITS[(match.group(2) or "s").lower()]
-    if not math.isfinite(value) or value <= 0:
+    if not math.isfinite(value):
+        raise ConfigError(f"bad duration {text!r}: it is too large")
+    if value <= 0:
         raise ConfigError(f"bad duration {text!r}: it must be greater than zero")
     return value
 
@@ -35,6 +37,8 @@ def parse_size(text: str) -> int:
             f"bad size {text!r}: write a number with an optional unit, e.g. 512M, 2G, 64K"
         )
     value = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if not math.isfinite(value) or value >= 2**63:
+        raise ConfigError(f"bad size {text!r}: it is too large")
     if value < 1:
         raise ConfigError(f"bad size {text!r}: it must be at least one byte")
     return int(value)

@@ -63,80 +63,98 @@ def views(draw: st.DrawFn) -> tuple[list[NodeCapacity], list[Demand]]:
 
 
 # -- properties ---------------------------------------------------------------------------------
+# Each property is a function of (nodes, queue, plan); one hypothesis test runs them all on the
+# same examples, which keeps the suite fast without weakening any of them.
+
+View = tuple[list[NodeCapacity], list[Demand]]
 
 
-@given(views())
-def test_no_node_is_ever_oversubscribed(view: tuple[list[NodeCapacity], list[Demand]]) -> None:
-    nodes, queue = view
-    plan = plan_placements(nodes, queue)
+def no_node_is_oversubscribed(
+    nodes: list[NodeCapacity], queue: list[Demand], plan: list[Placement]
+) -> None:
+    left = remaining(nodes, queue, plan)
     for node in nodes:
-        cpus, memory = remaining(nodes, queue, plan)[node.node_id]
         placed_here = [p for p in plan if p.node_id == node.node_id]
         if placed_here:
-            assert cpus >= -CPU_SLACK, (node, placed_here)
-            assert memory >= 0, (node, placed_here)
+            cpus, memory = left[node.node_id]
+            assert cpus >= -CPU_SLACK, ("CPUs oversubscribed", node, placed_here)
+            assert memory >= 0, ("memory oversubscribed", node, placed_here)
 
 
-@given(views())
-def test_each_placed_task_came_from_the_queue_and_is_placed_once(
-    view: tuple[list[NodeCapacity], list[Demand]],
+def each_placed_task_came_from_the_queue_once(
+    nodes: list[NodeCapacity], queue: list[Demand], plan: list[Placement]
 ) -> None:
-    nodes, queue = view
-    plan = plan_placements(nodes, queue)
     placed = Counter(p.task_id for p in plan)
-    assert all(n == 1 for n in placed.values())
-    assert set(placed) <= {d.task_id for d in queue}
-    assert {p.node_id for p in plan} <= {n.node_id for n in nodes}
+    assert all(n == 1 for n in placed.values()), ("placed twice", placed)
+    assert set(placed) <= {d.task_id for d in queue}, "placed a task not in the queue"
+    assert {p.node_id for p in plan} <= {n.node_id for n in nodes}, "placed on an unknown node"
 
 
-@given(views())
-def test_a_task_is_skipped_only_if_it_fits_nowhere(
-    view: tuple[list[NodeCapacity], list[Demand]],
+def a_task_is_skipped_only_if_it_fits_nowhere(
+    nodes: list[NodeCapacity], queue: list[Demand], plan: list[Placement]
 ) -> None:
     # Capacity only shrinks as the plan grows, so a task that fit nowhere at its turn fits
     # nowhere in what is left at the end; and one that fits somewhere at the end would have fit
     # at its turn. Either way: no skipped task fits the final free capacity of any node.
-    nodes, queue = view
-    plan = plan_placements(nodes, queue)
     left = remaining(nodes, queue, plan)
     placed = {p.task_id for p in plan}
     for demand in queue:
         if demand.task_id in placed:
             continue
         for node_id, (cpus, memory) in left.items():
-            assert not fits(cpus, memory, demand), (demand, node_id, cpus, memory)
+            assert not fits(cpus, memory, demand), ("skipped but fits", demand, node_id, cpus)
 
 
-@given(views())
-def test_among_identical_demands_the_placed_ones_are_a_prefix_of_the_queue(
-    view: tuple[list[NodeCapacity], list[Demand]],
+def identical_demands_are_placed_as_a_prefix(
+    nodes: list[NodeCapacity], queue: list[Demand], plan: list[Placement]
 ) -> None:
-    nodes, queue = view
-    placed = {p.task_id for p in plan_placements(nodes, queue)}
+    placed = {p.task_id for p in plan}
     by_shape: dict[tuple[float, int], list[bool]] = {}
     for demand in queue:
         by_shape.setdefault((demand.cpus, demand.memory), []).append(demand.task_id in placed)
     for shape, flags in by_shape.items():
-        assert flags == sorted(flags, reverse=True), (shape, flags)
+        assert flags == sorted(flags, reverse=True), ("a later twin jumped ahead", shape, flags)
 
 
-@given(views())
-def test_the_plan_follows_queue_order(view: tuple[list[NodeCapacity], list[Demand]]) -> None:
-    nodes, queue = view
-    plan = plan_placements(nodes, queue)
+def the_plan_follows_queue_order(
+    nodes: list[NodeCapacity], queue: list[Demand], plan: list[Placement]
+) -> None:
     position = {d.task_id: i for i, d in enumerate(queue)}
     order = [position[p.task_id] for p in plan]
-    assert order == sorted(order)
+    assert order == sorted(order), "the plan is out of queue order"
 
 
 @given(views())
-def test_planning_is_deterministic_and_leaves_its_inputs_alone(
-    view: tuple[list[NodeCapacity], list[Demand]],
-) -> None:
+def test_every_plan_keeps_the_invariants(view: View) -> None:
     nodes, queue = view
     before = (list(nodes), list(queue))
-    assert plan_placements(nodes, queue) == plan_placements(nodes, queue)
-    assert (nodes, queue) == before
+    plan = plan_placements(nodes, queue)
+    assert (nodes, queue) == before, "the planner changed its inputs"
+    assert plan_placements(nodes, queue) == plan, "the planner is not deterministic"
+    no_node_is_oversubscribed(nodes, queue, plan)
+    each_placed_task_came_from_the_queue_once(nodes, queue, plan)
+    a_task_is_skipped_only_if_it_fits_nowhere(nodes, queue, plan)
+    identical_demands_are_placed_as_a_prefix(nodes, queue, plan)
+    the_plan_follows_queue_order(nodes, queue, plan)
+
+
+def test_the_invariant_checks_catch_bad_plans() -> None:
+    # Each check must be able to fail, or the property test above proves nothing.
+    nodes = [NodeCapacity("a", 1.0, GIB)]
+    queue = [Demand(1, 1.0, MIB), Demand(2, 1.0, MIB)]
+    bad_plans = {
+        no_node_is_oversubscribed: [Placement(1, "a"), Placement(2, "a")],
+        each_placed_task_came_from_the_queue_once: [Placement(3, "a")],
+        a_task_is_skipped_only_if_it_fits_nowhere: [],
+        identical_demands_are_placed_as_a_prefix: [Placement(2, "a")],
+    }
+    for check, plan in bad_plans.items():
+        with pytest.raises(AssertionError):
+            check(nodes, queue, plan)
+    with pytest.raises(AssertionError):
+        the_plan_follows_queue_order(
+            [NodeCapacity("a", 2.0, GIB)], queue, [Placement(2, "a"), Placement(1, "a")]
+        )
 
 
 # -- examples -----------------------------------------------------------------------------------
@@ -169,10 +187,17 @@ def test_a_node_without_the_memory_is_passed_over_even_with_the_most_cpu() -> No
     assert plan == [Placement(1, "mem-rich"), Placement(2, "cpu-rich")]
 
 
-def test_ten_tasks_of_a_tenth_of_a_cpu_fit_one_cpu() -> None:
-    queue = [Demand(i, 0.1, MIB) for i in range(11)]
-    plan = plan_placements([NodeCapacity("n", 1.0, GIB)], queue)
-    assert [p.task_id for p in plan] == list(range(10))
+@pytest.mark.parametrize(
+    ("free", "share", "count"),
+    [(1.0, 0.1, 10), (0.3, 0.1, 3), (1.4, 0.1, 14), (1.2, 0.3, 4), (0.15, 0.05, 3)],
+)
+def test_n_equal_cpu_shares_fill_exactly_n_times_a_share(
+    free: float, share: float, count: int
+) -> None:
+    # Float subtraction must not lose the last share: 10 tasks of 0.1 CPU fit one CPU.
+    queue = [Demand(i, share, MIB) for i in range(count + 1)]
+    plan = plan_placements([NodeCapacity("n", free, GIB)], queue)
+    assert [p.task_id for p in plan] == list(range(count))
 
 
 def test_a_big_task_that_fits_nowhere_does_not_block_small_ones_behind_it() -> None:

@@ -168,10 +168,8 @@ def test_a_counted_failure_retries_while_retries_are_left(
 
 @given(st.integers(min_value=0, max_value=50), st.integers(min_value=1, max_value=60))
 def test_a_task_with_n_retries_runs_at_most_n_plus_one_times(retries: int, runs: int) -> None:
-    failures = 0
     events = []
-    for _ in range(runs):
-        failures += 1
+    for failures in range(1, runs + 1):
         event = end_event(False, True, failures, retries)
         events.append(event)
         if event is E.FAIL:

@@ -283,13 +283,14 @@ class CoordinatorService:
             await self._kick.wait()
             self._kick.clear()
             try:
+                # A full batch placed means more of the queue may fit: go on, letting I/O in.
                 while self.schedule_round() >= SCHEDULE_BATCH:
                     await asyncio.sleep(0)
             except Exception:  # keep scheduling alive; the next kick retries
                 log.exception("scheduling round failed")
 
     def schedule_round(self) -> int:
-        """Place queued tasks on connected nodes and send each node its batch."""
+        """Place queued tasks on connected nodes, send each node its batch; how many placed."""
         if not self.sessions:
             return 0
         usage = self.store.usage_by_node()
@@ -302,11 +303,12 @@ class CoordinatorService:
         queue = self.store.pending_demands(SCHEDULE_BATCH)
         placements = plan_placements(capacity, queue)
         by_node: dict[str, list[Assignment]] = defaultdict(list)
-        for node_id, assignment in self.store.assign(placements, self.clock()):
+        assigned = self.store.assign(placements, self.clock())
+        for node_id, assignment in assigned:
             by_node[node_id].append(assignment)
         for node_id, assignments in by_node.items():
             self._send_assignments(self.sessions[node_id], assignments)
-        return len(queue)
+        return len(assigned)
 
     def _send_assignments(self, session: AgentSession, assignments: list[Assignment]) -> None:
         jobs: dict[str, Any] = {}

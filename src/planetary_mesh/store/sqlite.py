@@ -496,12 +496,19 @@ class SQLiteStore:
                 " started_at=COALESCE(started_at, assigned_at) WHERE task_id=? AND attempt=?",
                 (attempt_state.value, now, exit_code, reason, task_id, attempt),
             )
-            ended_at = now if new_state.ended else None
-            db.execute(
-                "UPDATE tasks SET state=?, failures=?, exit_code=?, reason=?, ended_at=?,"
-                " started_at=COALESCE(started_at, ?) WHERE id=?",
-                (new_state.value, failures, exit_code, reason, ended_at, now, task_id),
-            )
+            if new_state is TaskState.PENDING:
+                # Back in the queue: it waits on no node until it is placed again.
+                db.execute(
+                    "UPDATE tasks SET state=?, failures=?, exit_code=?, reason=?, node_id=NULL,"
+                    " started_at=NULL WHERE id=?",
+                    (new_state.value, failures, exit_code, reason, task_id),
+                )
+            else:
+                db.execute(
+                    "UPDATE tasks SET state=?, failures=?, exit_code=?, reason=?, ended_at=?,"
+                    " started_at=COALESCE(started_at, ?) WHERE id=?",
+                    (new_state.value, failures, exit_code, reason, now, now, task_id),
+                )
             db.executemany(
                 "INSERT OR REPLACE INTO outputs (task_id, name, data) VALUES (?, ?, ?)",
                 ((task_id, name, data) for name, data in outputs.items()),
@@ -558,7 +565,7 @@ class SQLiteStore:
             if chunk_offset > end:
                 break  # a gap: the missing chunk has not arrived yet
             data += chunk[end - chunk_offset :]
-            end = chunk_offset + len(chunk)
+            end = max(end, chunk_offset + len(chunk))
         return bytes(data), end
 
     def outputs(self, task_id: int) -> dict[str, bytes]:

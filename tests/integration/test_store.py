@@ -659,3 +659,25 @@ def test_a_store_from_a_newer_version_is_refused(db_path: Path) -> None:
     raw.close()
     with pytest.raises(StoreError, match="upgrade"):
         SQLiteStore(db_path)
+
+
+def test_an_agent_may_only_report_on_its_own_attempts(store: SQLiteStore) -> None:
+    store.add_job("j1", "alice", spec(), {}, NOW)
+    (a,) = place(store, "n-mine", task_of(store, "j1"))
+    assert not store.record_started(a.task_id, a.attempt, a.epoch, NOW, node_id="n-other")
+    stolen = store.record_ended(
+        a.task_id,
+        a.attempt,
+        a.epoch,
+        succeeded=True,
+        counts_against_retries=True,
+        exit_code=0,
+        reason="exit code 0",
+        outputs={},
+        now=NOW,
+        node_id="n-other",
+    )
+    assert stolen is None
+    assert task_of(store, "j1").state is TaskState.ASSIGNED
+    assert store.record_started(a.task_id, a.attempt, a.epoch, NOW, node_id="n-mine")
+    assert task_of(store, "j1").state is TaskState.RUNNING

@@ -238,19 +238,19 @@ class CoordinatorService:
                 if logs:
                     self.store.record_logs(logs)
                     logs = []
-                self.store.record_started(task_id, attempt, epoch, now)
+                self.store.record_started(task_id, attempt, epoch, now, node_id=session.node_id)
             elif isinstance(event, Ended):
                 if logs:
                     self.store.record_logs(logs)
                     logs = []
-                freed |= self._record_end(event, now)
+                freed |= self._record_end(session.node_id, event, now)
         if logs:
             self.store.record_logs(logs)
         session.send({"type": "ack", "seq": report.seq})
         if freed:
             self.kick()
 
-    def _record_end(self, event: Ended, now: float) -> bool:
+    def _record_end(self, node_id: str, event: Ended, now: float) -> bool:
         task_id, attempt, epoch = event.task
         outputs = {name: base64.b64decode(data) for name, data in event.outputs.items()}
         if sum(len(data) for data in outputs.values()) > MAX_OUTPUT_BYTES:
@@ -266,6 +266,7 @@ class CoordinatorService:
             reason=event.message,
             outputs=outputs,
             now=now,
+            node_id=node_id,  # an agent may only report on its own attempts
         )
         if state is None:
             log.info("dropped a stale result for task %d attempt %d", task_id, attempt)

@@ -426,20 +426,24 @@ class SQLiteStore:
     # -- reports from agents (all fenced by attempt and epoch) ------------------------------
 
     def _current(
-        self, db: sqlite3.Connection, task_id: int, attempt: int, epoch: int
+        self, db: sqlite3.Connection, task_id: int, attempt: int, epoch: int, node_id: str | None
     ) -> tuple[TaskState, int, str] | None:
+        """The task if ``(attempt, epoch)`` is its current, active attempt (on ``node_id``)."""
         row = db.execute(
             "SELECT t.state, t.failures, j.spec FROM tasks t JOIN jobs j ON j.seq = t.job_seq"
-            " WHERE t.id=? AND t.attempt=? AND t.epoch=?",
-            (task_id, attempt, epoch),
+            " WHERE t.id=? AND t.attempt=? AND t.epoch=? AND t.node_id=COALESCE(?, t.node_id)",
+            (task_id, attempt, epoch, node_id),
         ).fetchone()
         if row is None or not TaskState(row[0]).active:
             return None
         return TaskState(row[0]), row[1], row[2]
 
-    def record_started(self, task_id: int, attempt: int, epoch: int, now: float) -> bool:
+    def record_started(
+        self, task_id: int, attempt: int, epoch: int, now: float, *, node_id: str | None = None
+    ) -> bool:
+        """Fenced: only the current attempt (on ``node_id`` when given) can start."""
         with self._tx() as db:
-            current = self._current(db, task_id, attempt, epoch)
+            current = self._current(db, task_id, attempt, epoch, node_id)
             if current is None or current[0] is not TaskState.ASSIGNED:
                 return False
             db.execute(
@@ -472,10 +476,11 @@ class SQLiteStore:
         reason: str,
         outputs: dict[str, bytes],
         now: float,
+        node_id: str | None = None,
     ) -> TaskState | None:
         """Commit the end of an attempt; the task's new state, or None if the report is stale."""
         with self._tx() as db:
-            current = self._current(db, task_id, attempt, epoch)
+            current = self._current(db, task_id, attempt, epoch, node_id)
             if current is None:
                 return None
             state, failures, spec_json = current

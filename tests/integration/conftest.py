@@ -9,24 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
-from cryptography import x509
 
-from planetary_mesh.client import Client
-from planetary_mesh.config import CoordinatorPaths, load_client_config, write_client_config
+from planetary_mesh.config import CoordinatorPaths
 from planetary_mesh.coordinator.bootstrap import init_mesh
-from planetary_mesh.pki import certs, tls
+from planetary_mesh.pki import certs
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -60,77 +56,25 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -
 
 @dataclass(frozen=True)
 class ForeignCA:
-    """A CA of another mesh, with a user certificate it issued."""
+    """The CA of another mesh and an admin user certificate it issued."""
 
-    cert: x509.Certificate
-    key: certs.PrivateKey
     ca_pem: Path
+    ca_hash: str  # what a join token of that mesh pins
     user_cert: Path
     user_key: Path
-
-    @property
-    def ca_hash(self) -> str:
-        return certs.ca_fingerprint(self.cert)
 
 
 @dataclass(frozen=True)
 class Coordinator:
-    """A running coordinator process and what `mesh init` made for it."""
+    """A running `mesh coordinator` process and what `mesh init` made for it."""
 
-    url: str
+    url: str  # https://127.0.0.1:PORT
+    host: str
+    port: int
     paths: CoordinatorPaths
-    client_config: Path
+    client_config: Path  # the admin's, as `mesh init` wrote it and the coordinator updated it
     process: subprocess.Popen[bytes]
     log: Path
-
-    @property
-    def host(self) -> str:
-        host = urlsplit(self.url).hostname
-        assert host == LOOPBACK
-        return host
-
-    @property
-    def port(self) -> int:
-        port = urlsplit(self.url).port
-        assert port is not None
-        return port
-
-    @property
-    def ca_hash(self) -> str:
-        return certs.ca_fingerprint(certs.load_cert_pem(self.paths.ca_cert.read_bytes()))
-
-    def ssl_context(self, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
-        """Trusts this mesh's CA; presents ``cert`` as the client certificate when given."""
-        return tls.client_ssl_context(self.paths.ca_cert.read_bytes(), cert, key)
-
-    def http(self, cert: Path | None = None, key: Path | None = None) -> httpx.Client:
-        """A plain HTTPS client for raw requests; no client certificate unless given."""
-        return httpx.Client(base_url=self.url, verify=self.ssl_context(cert, key), timeout=10)
-
-    def admin_http(self) -> httpx.Client:
-        return self.http(self.paths.admin_cert, self.paths.admin_key)
-
-    def admin(self) -> Client:
-        """The mesh client library with the client.toml `mesh init` wrote (an admin)."""
-        return Client(load_client_config(self.client_config))
-
-    def user_config(self, name: str, *, admin: bool, directory: Path) -> Path:
-        """Issue a user certificate from this mesh's CA and write a client.toml for it."""
-        ca_cert = certs.load_cert_pem(self.paths.ca_cert.read_bytes())
-        ca_key = certs.load_key_pem(self.paths.ca_key.read_bytes())
-        cert, key = certs.issue_user_cert(ca_cert, ca_key, name, timedelta(days=1), admin=admin)
-        directory.mkdir(parents=True, exist_ok=True)
-        certs.write_public_file(directory / f"{name}.pem", certs.cert_to_pem(cert))
-        certs.write_private_file(directory / f"{name}-key.pem", certs.key_to_pem(key))
-        config = directory / f"{name}.toml"
-        write_client_config(
-            config,
-            self.url,
-            self.paths.ca_cert,
-            directory / f"{name}.pem",
-            directory / f"{name}-key.pem",
-        )
-        return config
 
 
 @contextlib.contextmanager
@@ -160,7 +104,9 @@ def running_coordinator(root: Path) -> Iterator[Coordinator]:
     try:
         url = _wait_for_url(paths, proc, log)
         # `mesh coordinator` rewrites the client.toml beside its data dir with the real port.
-        yield Coordinator(url, paths, client_config, proc, log)
+        split = urlsplit(url)
+        assert split.hostname == LOOPBACK and split.port is not None, url
+        yield Coordinator(url, split.hostname, split.port, paths, client_config, proc, log)
     finally:
         stop_process(proc)
 
@@ -171,9 +117,7 @@ def _wait_for_url(paths: CoordinatorPaths, proc: subprocess.Popen[bytes], log: P
         # The file is written in one go but not atomically: wait for its closing newline.
         text = paths.url_file.read_text() if paths.url_file.exists() else ""
         if text.endswith("\n"):
-            url = text.strip()
-            assert urlsplit(url).hostname == LOOPBACK, url
-            return url
+            return text.strip()
         if proc.poll() is not None:
             raise RuntimeError(
                 f"the coordinator exited with {proc.returncode} before listening:\n"
@@ -208,9 +152,8 @@ def foreign_ca(tmp_path_factory: pytest.TempPathFactory) -> ForeignCA:
     cert, key = certs.create_ca("elsewhere")
     user_cert, user_key = certs.issue_user_cert(cert, key, "admin", timedelta(days=1), admin=True)
     foreign = ForeignCA(
-        cert=cert,
-        key=key,
         ca_pem=root / "ca.pem",
+        ca_hash=certs.ca_fingerprint(cert),
         user_cert=root / "user.pem",
         user_key=root / "user-key.pem",
     )
@@ -218,3 +161,24 @@ def foreign_ca(tmp_path_factory: pytest.TempPathFactory) -> ForeignCA:
     certs.write_public_file(foreign.user_cert, certs.cert_to_pem(user_cert))
     certs.write_private_file(foreign.user_key, certs.key_to_pem(user_key))
     return foreign
+
+
+MeshCli = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+@pytest.fixture(scope="session")
+def mesh_cli() -> MeshCli:
+    """Run `python -m planetary_mesh ARGS...` to completion; killed by pid after ``timeout``."""
+
+    def run(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "planetary_mesh", *args],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            env=subprocess_env(),
+            timeout=timeout,
+            check=False,
+        )
+
+    return run

@@ -208,7 +208,7 @@ def main() -> None:
     try:
         rc = app(standalone_mode=False)
     except MeshError as exc:
-        err_console.print(f"error: {exc}", highlight=False, markup=False)
+        err_console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(1)
     except click.exceptions.Abort:
         sys.exit(130)

@@ -14,9 +14,11 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
+from starlette.exceptions import HTTPException
 
 from planetary_mesh import __version__
 from planetary_mesh.coordinator.peer_cert import peer_cert_der
@@ -31,6 +33,7 @@ from planetary_mesh.errors import (
 )
 from planetary_mesh.pki import certs
 from planetary_mesh.protocol import (
+    MAX_ARRAY,
     MAX_REQUEST_BYTES,
     AgentMessage,
     AttemptInfo,
@@ -73,6 +76,7 @@ def admin(who: Annotated[certs.Identity, Depends(user)]) -> certs.Identity:
 
 User = Annotated[certs.Identity, Depends(user)]
 Admin = Annotated[certs.Identity, Depends(admin)]
+TaskIndex = Annotated[int, PathParam(ge=0, lt=MAX_ARRAY)]
 
 
 def create_app(service: CoordinatorService) -> FastAPI:
@@ -83,10 +87,9 @@ def create_app(service: CoordinatorService) -> FastAPI:
     async def require_certificate(request: Request, call_next: Any) -> Any:
         if request.url.path not in _OPEN_PATHS and peer_cert_der(request.scope) is None:
             return _error(401, "a client certificate is required: pass --config with a client.toml")
-        length = request.headers.get("content-length")
-        if length and (not length.isdigit() or int(length) > MAX_REQUEST_BYTES):
-            return _error(413, f"request body over {MAX_REQUEST_BYTES} bytes")
         return await call_next(request)
+
+    app.add_middleware(BodyLimit, limit=MAX_REQUEST_BYTES)
 
     @app.exception_handler(MeshError)
     async def mesh_error(_: Request, exc: MeshError) -> JSONResponse:
@@ -97,6 +100,10 @@ def create_app(service: CoordinatorService) -> FastAPI:
         if isinstance(exc, TrustError):
             return _error(403, str(exc))
         return _error(400, str(exc))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -143,15 +150,15 @@ def create_app(service: CoordinatorService) -> FastAPI:
     @app.get("/v1/jobs/{job_id}/tasks/{index}/logs")
     async def logs(
         job_id: str,
-        index: int,
+        index: TaskIndex,
         _: User,
-        offset: Annotated[int, Query(ge=0)] = 0,
-        attempt: Annotated[int | None, Query(ge=1)] = None,
+        offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
+        attempt: Annotated[int | None, Query(ge=1, le=2**31)] = None,
     ) -> LogChunk:
         return service.logs(job_id, index, offset, attempt)
 
     @app.get("/v1/jobs/{job_id}/tasks/{index}/outputs")
-    async def outputs(job_id: str, index: int, _: User) -> list[OutputFile]:
+    async def outputs(job_id: str, index: TaskIndex, _: User) -> list[OutputFile]:
         task_id, _attempt = service.task_id(job_id, index)
         return [
             OutputFile(name=name, data=base64.b64encode(data).decode())
@@ -159,7 +166,7 @@ def create_app(service: CoordinatorService) -> FastAPI:
         ]
 
     @app.get("/v1/jobs/{job_id}/tasks/{index}/attempts")
-    async def attempts(job_id: str, index: int, _: User) -> list[AttemptInfo]:
+    async def attempts(job_id: str, index: TaskIndex, _: User) -> list[AttemptInfo]:
         task_id, _attempt = service.task_id(job_id, index)
         return [
             AttemptInfo(
@@ -228,6 +235,35 @@ async def _pump(outbox: asyncio.Queue[dict[str, Any]], websocket: WebSocket) -> 
     while True:
         message = await outbox.get()
         await websocket.send_text(json.dumps(message, separators=(",", ":")))
+
+
+class BodyLimit:
+    """Refuse a request body over ``limit`` bytes, whether declared or streamed (chunked)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"request body over {self.limit} bytes"
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await _error(413, message)(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Any:
+            nonlocal seen
+            event = await receive()
+            seen += len(event.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, message)
+            return event
+
+        await self.app(scope, limited, send)
 
 
 def _error(status: int, message: str) -> JSONResponse:

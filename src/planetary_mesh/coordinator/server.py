@@ -48,6 +48,16 @@ def public_url(paths: CoordinatorPaths, listen_host: str, port: int) -> str:
     return coordinator_url(str(first), port)
 
 
+async def _announce_when_started(server: uvicorn.Server, paths: CoordinatorPaths, url: str) -> None:
+    """Write the URL file only once uvicorn serves (and handles SIGTERM cleanly)."""
+    while not server.started:
+        await asyncio.sleep(0.01)
+    tmp = paths.url_file.with_suffix(".tmp")
+    tmp.write_text(url + "\n")
+    tmp.replace(paths.url_file)
+    log.warning("coordinator listening on %s (data in %s)", url, paths.root)
+
+
 async def serve(paths: CoordinatorPaths, host: str, port: int, client_config: Path | None) -> None:
     if not paths.ca_key.exists():
         raise ConfigError(f"no mesh in {paths.root}: run `mesh init --data-dir {paths.root}` first")
@@ -78,14 +88,14 @@ async def serve(paths: CoordinatorPaths, host: str, port: int, client_config: Pa
     if client_config is not None and client_config.exists():
         write_client_config(client_config, url, paths.ca_cert, paths.admin_cert, paths.admin_key)
     scheduler = asyncio.create_task(service.run_scheduler())
-    paths.url_file.write_text(url + "\n")
-    log.warning("coordinator listening on %s (data in %s)", url, paths.root)
+    announcer = asyncio.create_task(_announce_when_started(server, paths, url))
     try:
         await server.serve(sockets=[sock])
     finally:
-        scheduler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await scheduler
+        for task in (scheduler, announcer):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         paths.url_file.unlink(missing_ok=True)
         store.close()
         sock.close()

@@ -88,13 +88,15 @@ class CoordinatorService:
                 "this join token belongs to another mesh (its CA hash does not match this "
                 "coordinator's): create a token on this coordinator with `mesh token create`"
             )
-        problem = self.store.consume_token(tokens.hash_secret(token.secret), self.clock())
-        if problem:
-            raise TokenError(f"{problem}: create a new one with `mesh token create`")
         node_id = "n-" + secrets.token_hex(4)
+        # Signing checks the CSR first, so a malformed request does not use up the token;
+        # the certificate is handed out only if the token is then accepted.
         cert = certs.sign_node_csr(
             self.ca_cert, self.ca_key, request.csr.encode(), node_id, self.node_cert_lifetime
         )
+        problem = self.store.consume_token(tokens.hash_secret(token.secret), self.clock())
+        if problem:
+            raise TokenError(f"{problem}: create a new one with `mesh token create`")
         self.store.add_node(node_id, request.name, cert.serial_number, self.clock())
         log.info("node %s (%s) joined", node_id, request.name)
         return JoinResponse(

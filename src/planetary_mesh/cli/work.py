@@ -101,8 +101,8 @@ def build_submit(
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(context_settings={"allow_interspersed_args": False})
-    def run(
+    def run_or_submit(
+        ctx: typer.Context,
         command: Command,
         cpus: Cpus = 1.0,
         memory: Memory = "256M",
@@ -117,62 +117,32 @@ def register(app: typer.Typer) -> None:
         network: Network = False,
         config: ConfigOption = None,
     ) -> None:
-        """Run a command on the mesh, show progress and output, exit with its exit code."""
+        # One function behind both commands: they take the same options and differ only in
+        # whether they wait for the job.
         body = build_submit(
-            command,
-            cpus,
-            memory,
-            timeout,
-            retries,
-            array,
-            env,
-            file,
-            output,
-            name,
-            priority,
+            command, cpus, memory, timeout, retries, array, env, file, output, name, priority,
             network,
-        )
+        )  # fmt: skip
         with client_for(config) as client:
             job = client.submit(body)
+            if ctx.info_name == "submit":
+                print(job.id)
+                return
             err_console.print(
                 f"job {job.id} submitted ({job.tasks['total']} tasks)", highlight=False
             )
             final = follow_job(client, job)
         raise typer.Exit(job_exit_code(final))
 
-    @app.command(context_settings={"allow_interspersed_args": False})
-    def submit(
-        command: Command,
-        cpus: Cpus = 1.0,
-        memory: Memory = "256M",
-        timeout: Timeout = None,
-        retries: Retries = 0,
-        array: Array = 1,
-        env: Env = None,
-        file: Files = None,
-        output: Outputs = None,
-        name: Name = None,
-        priority: Priority = 0,
-        network: Network = False,
-        config: ConfigOption = None,
-    ) -> None:
-        """Submit a command and print the job id."""
-        body = build_submit(
-            command,
-            cpus,
-            memory,
-            timeout,
-            retries,
-            array,
-            env,
-            file,
-            output,
-            name,
-            priority,
-            network,
-        )
-        with client_for(config) as client:
-            print(client.submit(body).id)
+    no_interspersed = {"allow_interspersed_args": False}
+    app.command(
+        "run",
+        context_settings=no_interspersed,
+        help="Run a command on the mesh, show progress and output, exit with its exit code.",
+    )(run_or_submit)
+    app.command(
+        "submit", context_settings=no_interspersed, help="Submit a command and print the job id."
+    )(run_or_submit)
 
     @app.command()
     def jobs(config: ConfigOption = None, output: OutputOption = OutputFormat.TABLE) -> None:

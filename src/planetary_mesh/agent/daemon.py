@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,11 @@ class Agent:
         self._handles: set[asyncio.Task[None]] = set()  # keeps running task coroutines alive
         self.outbox = Outbox()
         self.heartbeat_interval = 1.0
+        # The lease: how long running tasks may go on without word from the coordinator. Past
+        # it the coordinator has declared this node lost and moved its work, so the agent kills
+        # its own tasks rather than let two copies run (self-fencing).
+        self.lease = 5.0
+        self.last_renewed = time.monotonic()
         self._stopping = asyncio.Event()
 
     # -- the connection ---------------------------------------------------------------------
@@ -139,6 +145,7 @@ class Agent:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stopping.set)
         delay = RECONNECT_MIN
+        watchdog = asyncio.create_task(self._lease_watchdog())
         try:
             while not self._stopping.is_set():
                 try:
@@ -154,7 +161,22 @@ class Agent:
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 delay = min(delay * 2, RECONNECT_MAX)
         finally:
+            watchdog.cancel()
             await self._kill_all("the agent is stopping")
+
+    async def _lease_watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            silent = time.monotonic() - self.last_renewed
+            if silent > self.lease and any(t is not None for t in self.running.values()):
+                log.warning(
+                    "no word from the coordinator for %.1fs (lease %.1fs): killing my tasks",
+                    silent,
+                    self.lease,
+                )
+                await self._kill_all(
+                    f"lease expired: no word from the coordinator for {silent:.1f}s"
+                )
 
     async def _session(self) -> None:
         async with connect(
@@ -181,7 +203,6 @@ class Agent:
             )
             for seq, events in self.outbox.unacked:
                 await ws.send(json.dumps({"type": "report", "seq": seq, "events": events}))
-            log.warning("session open with %s", self.url)
             sender = asyncio.create_task(self._send_loop(ws))
             receiver = asyncio.create_task(self._receive_loop(ws))
             stop = asyncio.create_task(self._stopping.wait())
@@ -199,6 +220,7 @@ class Agent:
     async def _receive_loop(self, ws: ClientConnection) -> None:
         try:
             async for raw in ws:
+                self.last_renewed = time.monotonic()
                 self._handle(json.loads(raw))
         except websockets.ConnectionClosed as exc:
             if exc.rcvd is not None and exc.rcvd.code == 4403:
@@ -252,9 +274,11 @@ class Agent:
                     running.cancel(why)
                 elif ref in self.running:  # still starting: cancel it as soon as it exists
                     self.cancelled[ref] = why
-        elif kind == "welcome":
-            self.heartbeat_interval = float(message.get("heartbeat_interval", 1.0))
-            log.warning("joined as node %s", message.get("node_id"))
+        elif kind in ("welcome", "timing"):
+            self.heartbeat_interval = float(message["heartbeat_interval"])
+            self.lease = float(message["lease"])
+            if kind == "welcome":
+                log.warning("session open as node %s", message.get("node_id"))
 
     # -- tasks ------------------------------------------------------------------------------
 

@@ -79,14 +79,39 @@ def coordinator(
     listen: Annotated[
         str, typer.Option("--listen", help="HOST:PORT to serve on.")
     ] = f"0.0.0.0:{DEFAULT_PORT}",
+    heartbeat: Annotated[
+        str, typer.Option("--heartbeat", help="Agents' heartbeat interval on a small mesh.")
+    ] = "1s",
+    lost_after: Annotated[
+        str, typer.Option("--lost-after", help="Silence after which a node is lost.")
+    ] = "5s",
+    disconnect_grace: Annotated[
+        str,
+        typer.Option("--disconnect-grace", help="How long a closed session may come back."),
+    ] = "500ms",
+    restart_grace: Annotated[
+        str,
+        typer.Option("--restart-grace", help="After a restart, how long nodes have to return."),
+    ] = "10s",
+    retry_backoff: Annotated[
+        str, typer.Option("--retry-backoff", help="First retry delay; it doubles each time.")
+    ] = "1s",
 ) -> None:
     """Serve the mesh API over HTTPS with client-certificate authentication."""
     from planetary_mesh.coordinator.server import serve
+    from planetary_mesh.core.liveness import LivenessPolicy
 
     _daemon_logging()
     paths, client_config = _coordinator_dirs(data_dir)
     host, port = split_listen(listen)
-    asyncio.run(serve(paths, host, port, client_config))
+    policy = LivenessPolicy(
+        heartbeat_interval=parse_duration(heartbeat),
+        lost_after_silence=parse_duration(lost_after),
+        lost_after_disconnect=parse_duration(disconnect_grace),
+        restart_grace=parse_duration(restart_grace),
+    )
+    backoff = (parse_duration(retry_backoff), 60.0)
+    asyncio.run(serve(paths, host, port, client_config, policy, backoff))
 
 
 @token_app.command("create")

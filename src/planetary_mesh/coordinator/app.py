@@ -217,9 +217,12 @@ async def _serve_agent(service: CoordinatorService, websocket: WebSocket) -> Non
         while True:
             message = _agent_messages.validate_json(await websocket.receive_text())
             if session.closed:
-                break  # a newer session of the same node replaced this one
+                break  # a newer session replaced this one, or the node was declared lost
+            service.agent_heard(session)
             if isinstance(message, Report):
                 service.agent_report(session, message)
+            elif isinstance(message, Heartbeat):
+                service.agent_heartbeat(session)
     except WebSocketDisconnect:
         pass
     except ValidationError as exc:
@@ -231,9 +234,12 @@ async def _serve_agent(service: CoordinatorService, websocket: WebSocket) -> Non
             await websocket.close()
 
 
-async def _pump(outbox: asyncio.Queue[dict[str, Any]], websocket: WebSocket) -> None:
+async def _pump(outbox: asyncio.Queue[dict[str, Any] | None], websocket: WebSocket) -> None:
     while True:
         message = await outbox.get()
+        if message is None:  # the service closed this session
+            await websocket.close(code=4408, reason="session closed by the coordinator")
+            return
         await websocket.send_text(json.dumps(message, separators=(",", ":")))
 
 

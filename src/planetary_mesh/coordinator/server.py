@@ -15,6 +15,7 @@ from planetary_mesh.coordinator.app import create_app
 from planetary_mesh.coordinator.bootstrap import coordinator_url
 from planetary_mesh.coordinator.peer_cert import PeerCertHttpProtocol, PeerCertWebSocketProtocol
 from planetary_mesh.coordinator.service import CoordinatorService
+from planetary_mesh.core.liveness import LivenessPolicy
 from planetary_mesh.errors import ConfigError
 from planetary_mesh.pki import certs, tls
 from planetary_mesh.protocol import MAX_REQUEST_BYTES
@@ -58,13 +59,20 @@ async def _announce_when_started(server: uvicorn.Server, paths: CoordinatorPaths
     log.warning("coordinator listening on %s (data in %s)", url, paths.root)
 
 
-async def serve(paths: CoordinatorPaths, host: str, port: int, client_config: Path | None) -> None:
+async def serve(
+    paths: CoordinatorPaths,
+    host: str,
+    port: int,
+    client_config: Path | None,
+    policy: LivenessPolicy | None = None,
+    retry_backoff: tuple[float, float] = (1.0, 60.0),
+) -> None:
     if not paths.ca_key.exists():
         raise ConfigError(f"no mesh in {paths.root}: run `mesh init --data-dir {paths.root}` first")
     ca_cert = certs.load_cert_pem(paths.ca_cert.read_bytes())
     ca_key = certs.load_key_pem(paths.ca_key.read_bytes())
     store = SQLiteStore(paths.database)
-    service = CoordinatorService(store, ca_cert, ca_key)
+    service = CoordinatorService(store, ca_cert, ca_key, policy=policy, retry_backoff=retry_backoff)
     app = create_app(service)
     sock = bind_socket(host, port)
     actual_port = sock.getsockname()[1]
@@ -88,11 +96,12 @@ async def serve(paths: CoordinatorPaths, host: str, port: int, client_config: Pa
     if client_config is not None and client_config.exists():
         write_client_config(client_config, url, paths.ca_cert, paths.admin_cert, paths.admin_key)
     scheduler = asyncio.create_task(service.run_scheduler())
+    liveness = asyncio.create_task(service.run_liveness())
     announcer = asyncio.create_task(_announce_when_started(server, paths, url))
     try:
         await server.serve(sockets=[sock])
     finally:
-        for task in (scheduler, announcer):
+        for task in (scheduler, liveness, announcer):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

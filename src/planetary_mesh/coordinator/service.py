@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import secrets
 import time
@@ -22,6 +23,7 @@ from cryptography import x509
 
 from planetary_mesh import __version__
 from planetary_mesh.coordinator.sessions import AgentSession
+from planetary_mesh.core.liveness import LivenessPolicy, NodeLiveness, liveness_changes
 from planetary_mesh.core.model import Assignment, Job, JobSpec
 from planetary_mesh.core.scheduler import NodeCapacity, plan_placements
 from planetary_mesh.core.states import NodeState, TaskState
@@ -57,7 +59,8 @@ class CoordinatorService:
         ca_key: certs.PrivateKey,
         *,
         node_cert_lifetime: timedelta = timedelta(hours=24),
-        heartbeat_interval: float = 1.0,
+        policy: LivenessPolicy | None = None,
+        retry_backoff: tuple[float, float] = (1.0, 60.0),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -65,12 +68,28 @@ class CoordinatorService:
         self.ca_key = ca_key
         self.ca_hash = certs.ca_fingerprint(ca_cert)
         self.node_cert_lifetime = node_cert_lifetime
-        self.heartbeat_interval = heartbeat_interval
+        self.policy = policy or LivenessPolicy()
+        self.retry_backoff = retry_backoff
         self.clock = clock
         self.sessions: dict[str, AgentSession] = {}
         self._kick = asyncio.Event()
-        # After a restart no session is up yet: every node waits to reconnect.
+        # After a restart no session is up yet: every node waits to reconnect, and is owed a
+        # grace before it can be declared lost.
         store.mark_nodes(NodeState.READY, NodeState.SUSPECT)
+        now = clock()
+        self.liveness: dict[str, NodeLiveness] = {
+            node.id: NodeLiveness(
+                node.id,
+                node.state,
+                connected=False,
+                last_heard=now,
+                not_lost_before=now + self.policy.restart_grace,
+            )
+            for node in store.nodes()
+            if node.state is not NodeState.LOST
+        }
+        self.draining = {node.id for node in store.nodes() if node.draining}
+        self._interval = self.policy.interval(self._live_nodes())
 
     # -- tokens and joining -----------------------------------------------------------------
 
@@ -184,8 +203,12 @@ class CoordinatorService:
         """Adopt what the agent still holds, requeue what it lost, and open its session."""
         old = self.sessions.pop(node_id, None)
         if old:
-            old.closed = True
+            old.close()
         now = self.clock()
+        was = self.liveness.get(node_id)
+        if was is not None and was.state is NodeState.LOST:
+            self.event("node_back", f"node {node_id} is back after being lost", node_id=node_id)
+        self.liveness[node_id] = NodeLiveness(node_id, NodeState.READY, True, now)
         self.store.update_node(
             node_id,
             state=NodeState.READY,
@@ -210,22 +233,147 @@ class CoordinatorService:
             {
                 "type": "welcome",
                 "node_id": node_id,
-                "heartbeat_interval": self.heartbeat_interval,
                 "version": __version__,
+                **self._timing(),
             }
         )
         if stale:
             session.send({"type": "cancel", "tasks": stale, "reason": "superseded attempt"})
         self.sessions[node_id] = session
+        self._retime()
         self.kick()
         return session
+
+    def _live_nodes(self) -> int:
+        return sum(1 for n in self.liveness.values() if n.state is not NodeState.LOST)
+
+    def _timing(self) -> dict[str, float]:
+        n = self._live_nodes()
+        return {"heartbeat_interval": self.policy.interval(n), "lease": self.policy.lease(n)}
+
+    def _retime(self) -> None:
+        """Stretch (or shrink) every agent's heartbeat interval as the mesh grows or shrinks."""
+        interval = self.policy.interval(self._live_nodes())
+        if interval != self._interval:
+            self._interval = interval
+            timing = {"type": "timing", **self._timing()}
+            for session in self.sessions.values():
+                session.send(timing)
+
+    def agent_heard(self, session: AgentSession) -> None:
+        """Any message on a session is a heartbeat; a silent-suspect node is ready again."""
+        if session.closed:
+            return
+        now = self.clock()
+        current = self.liveness.get(session.node_id)
+        if current is not None and current.state is NodeState.SUSPECT and current.connected:
+            self.store.update_node(session.node_id, state=NodeState.READY, now=now)
+            self.event(
+                "node_back", f"node {session.node_id} is heard again", node_id=session.node_id
+            )
+            self.kick()
+        self.liveness[session.node_id] = NodeLiveness(session.node_id, NodeState.READY, True, now)
+
+    def agent_heartbeat(self, session: AgentSession) -> None:
+        session.send({"type": "lease"})  # renews the agent's lease on its running tasks
 
     def agent_disconnected(self, session: AgentSession) -> None:
         session.closed = True
         if self.sessions.get(session.node_id) is session:
             del self.sessions[session.node_id]
-            self.store.update_node(session.node_id, state=NodeState.SUSPECT, now=self.clock())
-            log.info("node %s disconnected; it is suspect", session.node_id)
+            now = self.clock()
+            self.store.update_node(session.node_id, state=NodeState.SUSPECT, now=now)
+            self.liveness[session.node_id] = NodeLiveness(
+                session.node_id, NodeState.SUSPECT, False, now
+            )
+            self.event(
+                "node_suspect", f"node {session.node_id}: session closed", node_id=session.node_id
+            )
+
+    def event(self, kind: str, message: str, **where: Any) -> None:
+        """Log a notable event and keep it in the store."""
+        log.warning("%s", message)
+        self.store.add_event(kind, message, self.clock(), **where)
+
+    # -- liveness and drain -----------------------------------------------------------------
+
+    def check_liveness(self) -> None:
+        """Apply what the pure liveness rules say, then hand back work past drain deadlines."""
+        now = self.clock()
+        watched = [n for n in self.liveness.values() if n.state is not NodeState.LOST]
+        for change in liveness_changes(watched, now, self.policy):
+            record = self.liveness[change.node_id]
+            self.liveness[change.node_id] = NodeLiveness(
+                record.node_id, change.state, record.connected, record.last_heard,
+                record.not_lost_before,
+            )  # fmt: skip
+            self.store.update_node(change.node_id, state=change.state, now=record.last_heard)
+            if change.state is NodeState.LOST:
+                self._node_lost(change.node_id, change.reason)
+            else:
+                self.event(
+                    "node_suspect", f"node {change.node_id}: {change.reason}",
+                    node_id=change.node_id,
+                )  # fmt: skip
+        for node in self.store.nodes():
+            if node.draining and node.drain_deadline is not None and now >= node.drain_deadline:
+                self._hand_back(node.id, "drain deadline passed")
+
+    def _node_lost(self, node_id: str, why: str) -> None:
+        requeued = self.store.requeue_node_attempts(
+            node_id, set(), f"node lost ({why})", self.clock()
+        )
+        self.event(
+            "node_lost",
+            f"node {node_id} lost ({why}); {len(requeued)} tasks back in the queue",
+            node_id=node_id,
+        )
+        session = self.sessions.pop(node_id, None)
+        if session is not None:
+            session.close()
+        self.liveness[node_id] = NodeLiveness(node_id, NodeState.LOST, False, self.clock())
+        self._retime()
+        self.kick()
+
+    def _hand_back(self, node_id: str, why: str) -> None:
+        active = self.store.active_attempts(node_id)
+        if not active:
+            return
+        requeued = self.store.requeue_node_attempts(node_id, set(), why, self.clock())
+        session = self.sessions.get(node_id)
+        if session is not None:
+            session.send({"type": "cancel", "tasks": sorted(active), "reason": why})
+        self.event(
+            "reassigned", f"node {node_id}: {why}; {len(requeued)} tasks handed back",
+            node_id=node_id,
+        )  # fmt: skip
+        self.kick()
+
+    def drain(self, node_id: str, deadline: float | None, by: str) -> None:
+        self._known_node(node_id)
+        at = None if deadline is None else self.clock() + deadline
+        self.store.set_drain(node_id, True, at)
+        self.draining.add(node_id)
+        self.event("node_drain", f"node {node_id} drained by {by}", node_id=node_id)
+
+    def undrain(self, node_id: str, by: str) -> None:
+        self._known_node(node_id)
+        self.store.set_drain(node_id, False, None)
+        self.draining.discard(node_id)
+        self.event("node_undrain", f"node {node_id} undrained by {by}", node_id=node_id)
+        self.kick()
+
+    def _known_node(self, node_id: str) -> None:
+        if not self.store.node_known(node_id):
+            raise NotFound(f"no node {node_id!r}: `mesh nodes` lists the nodes of this mesh")
+
+    async def run_liveness(self, tick: float = 0.1) -> None:
+        while True:
+            await asyncio.sleep(tick)
+            try:
+                self.check_liveness()
+            except Exception:  # keep watching; the next tick retries
+                log.exception("liveness check failed")
 
     def agent_report(self, session: AgentSession, report: Report) -> None:
         """Commit a batch of agent events, then acknowledge it so the agent can forget it."""
@@ -269,9 +417,16 @@ class CoordinatorService:
             outputs=outputs,
             now=now,
             node_id=node_id,  # an agent may only report on its own attempts
+            backoff_base=self.retry_backoff[0],
+            backoff_cap=self.retry_backoff[1],
         )
         if state is None:
-            log.info("dropped a stale result for task %d attempt %d", task_id, attempt)
+            self.event(
+                "late_result",
+                f"refused a late result from node {node_id} for task {task_id} attempt "
+                f"{attempt}: {event.message}",
+                node_id=node_id,
+            )
             return False
         return True
 
@@ -283,7 +438,11 @@ class CoordinatorService:
 
     async def run_scheduler(self) -> None:
         while True:
-            await self._kick.wait()
+            # Sleep until kicked, or until the earliest retry's backoff is over.
+            wake = self.store.next_retry_time()
+            timeout = None if wake is None else max(0.0, wake - self.clock()) + 0.001
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), timeout)
             self._kick.clear()
             try:
                 # A full batch placed means more of the queue may fit: go on, letting I/O in.
@@ -299,11 +458,13 @@ class CoordinatorService:
         usage = self.store.usage_by_node()
         capacity = []
         for node_id, session in self.sessions.items():
+            if node_id in self.draining:
+                continue
             used_cpus, used_memory = usage.get(node_id, (0.0, 0))
             capacity.append(
                 NodeCapacity(node_id, session.cpus - used_cpus, session.memory - used_memory)
             )
-        queue = self.store.pending_demands(SCHEDULE_BATCH)
+        queue = self.store.pending_demands(SCHEDULE_BATCH, self.clock())
         placements = plan_placements(capacity, queue)
         by_node: dict[str, list[Assignment]] = defaultdict(list)
         assigned = self.store.assign(placements, self.clock())

@@ -12,7 +12,7 @@ class AgentSession:
     node_id: str
     cpus: float
     memory: int
-    outbox: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    outbox: asyncio.Queue[dict[str, Any] | None] = field(default_factory=asyncio.Queue)
     # Jobs whose spec and input files this session has already been sent: an array's tasks
     # share them, so they travel once per session instead of once per task.
     known_jobs: set[str] = field(default_factory=set)
@@ -21,3 +21,9 @@ class AgentSession:
     def send(self, message: dict[str, Any]) -> None:
         if not self.closed:
             self.outbox.put_nowait(message)
+
+    def close(self) -> None:
+        """Stop sending and have the connection closed (a lost or replaced session)."""
+        if not self.closed:
+            self.closed = True
+            self.outbox.put_nowait(None)

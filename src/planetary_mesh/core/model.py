@@ -50,6 +50,7 @@ class Attempt:
     ended_at: float | None
     exit_code: int | None
     reason: str | None
+    late_result: str | None = None  # a result that arrived after it was superseded, refused
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,24 @@ class Node:
     version: str
     joined_at: float
     last_seen: float
+    draining: bool = False
+    drain_deadline: float | None = None
+
+    @property
+    def shown_state(self) -> NodeState:
+        """What people see: a working node that is being drained says so."""
+        return NodeState.DRAINING if self.draining and self.state is NodeState.READY else self.state
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    time: float
+    kind: str
+    message: str
+    node_id: str | None = None
+    job_id: str | None = None
+    task_index: int | None = None
 
 
 @dataclass(frozen=True)

@@ -93,4 +93,23 @@ MIGRATIONS: list[list[str]] = [
         )""",
         "INSERT INTO meta (key, value) VALUES ('epoch', '0')",
     ],
+    [
+        # Retries wait (exponential backoff); work taken from a lost node goes first.
+        "ALTER TABLE tasks ADD COLUMN not_before REAL",
+        "ALTER TABLE tasks ADD COLUMN lost_first INTEGER NOT NULL DEFAULT 0",
+        # Drain: no new work; past the deadline the node's tasks are handed back.
+        "ALTER TABLE nodes ADD COLUMN draining INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE nodes ADD COLUMN drain_deadline REAL",
+        # A result that arrived for a superseded attempt: refused, and kept as a record.
+        "ALTER TABLE attempts ADD COLUMN late_result TEXT",
+        """CREATE TABLE events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            time REAL NOT NULL,
+            kind TEXT NOT NULL,
+            node_id TEXT,
+            job_id TEXT,
+            task_index INTEGER,
+            message TEXT NOT NULL
+        )""",
+    ],
 ]

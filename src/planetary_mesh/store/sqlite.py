@@ -15,7 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from planetary_mesh.core.model import Assignment, Attempt, Job, JobSpec, Node, Task
+from planetary_mesh.core.liveness import retry_backoff
+from planetary_mesh.core.model import Assignment, Attempt, Event, Job, JobSpec, Node, Task
 from planetary_mesh.core.scheduler import Demand, Placement
 from planetary_mesh.core.states import (
     AttemptState,
@@ -114,6 +115,48 @@ class SQLiteStore:
                 (state.value, now, name, cpus, memory, sandbox, version, node_id),
             )
 
+    def set_drain(self, node_id: str, draining: bool, deadline: float | None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE nodes SET draining=?, drain_deadline=? WHERE id=?",
+                (int(draining), deadline if draining else None, node_id),
+            )
+
+    def add_event(
+        self,
+        kind: str,
+        message: str,
+        now: float,
+        *,
+        node_id: str | None = None,
+        job_id: str | None = None,
+        task_index: int | None = None,
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO events (time, kind, node_id, job_id, task_index, message)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (now, kind, node_id, job_id, task_index, message),
+            )
+
+    def events(self, after: int = 0, limit: int = 1000) -> list[Event]:
+        return [
+            Event(
+                seq=r[0],
+                time=r[1],
+                kind=r[2],
+                node_id=r[3],
+                job_id=r[4],
+                task_index=r[5],
+                message=r[6],
+            )
+            for r in self._db.execute(
+                "SELECT seq, time, kind, node_id, job_id, task_index, message FROM events"
+                " WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, limit),
+            )
+        ]
+
     def mark_nodes(self, from_state: NodeState, to_state: NodeState) -> None:
         with self._tx() as db:
             db.execute("UPDATE nodes SET state=? WHERE state=?", (to_state.value, from_state.value))
@@ -129,8 +172,8 @@ class SQLiteStore:
         }
         result = []
         for row in self._db.execute(
-            "SELECT id, name, state, cpus, memory, sandbox, version, joined_at, last_seen"
-            " FROM nodes ORDER BY joined_at"
+            "SELECT id, name, state, cpus, memory, sandbox, version, joined_at, last_seen,"
+            " draining, drain_deadline FROM nodes ORDER BY joined_at"
         ):
             used_cpus, used_memory, running = usage.get(row[0], (0.0, 0, 0))
             result.append(
@@ -147,6 +190,8 @@ class SQLiteStore:
                     version=row[6],
                     joined_at=row[7],
                     last_seen=row[8],
+                    draining=bool(row[9]),
+                    drain_deadline=row[10],
                 )
             )
         return result
@@ -314,10 +359,11 @@ class SQLiteStore:
                 ended_at=row[6],
                 exit_code=row[7],
                 reason=row[8],
+                late_result=row[9],
             )
             for row in self._db.execute(
                 "SELECT attempt, node_id, epoch, state, assigned_at, started_at, ended_at,"
-                " exit_code, reason FROM attempts WHERE task_id=? ORDER BY attempt",
+                " exit_code, reason, late_result FROM attempts WHERE task_id=? ORDER BY attempt",
                 (task_id,),
             )
         ]
@@ -360,16 +406,26 @@ class SQLiteStore:
 
     # -- scheduling -------------------------------------------------------------------------
 
-    def pending_demands(self, limit: int) -> list[Demand]:
-        """The queue in placement order: highest priority first, then oldest job, then index."""
+    def pending_demands(self, limit: int, now: float = float("inf")) -> list[Demand]:
+        """The queue in placement order: highest priority first, then work taken back from a
+        lost node, then oldest job, then index. Tasks still backing off wait."""
         return [
             Demand(task_id=row[0], cpus=row[1], memory=row[2])
             for row in self._db.execute(
                 "SELECT t.id, j.cpus, j.memory FROM tasks t JOIN jobs j ON j.seq = t.job_seq"
-                " WHERE t.state=? ORDER BY j.priority DESC, t.job_seq, t.idx LIMIT ?",
-                (TaskState.PENDING.value, limit),
+                " WHERE t.state=? AND (t.not_before IS NULL OR t.not_before <= ?)"
+                " ORDER BY j.priority DESC, t.lost_first DESC, t.job_seq, t.idx LIMIT ?",
+                (TaskState.PENDING.value, now, limit),
             )
         ]
+
+    def next_retry_time(self) -> float | None:
+        """When the earliest backing-off task may be placed, if any is waiting."""
+        row = self._db.execute(
+            "SELECT MIN(not_before) FROM tasks WHERE state=? AND not_before IS NOT NULL",
+            (TaskState.PENDING.value,),
+        ).fetchone()
+        return None if row[0] is None else float(row[0])
 
     def usage_by_node(self) -> dict[str, tuple[float, int]]:
         return {
@@ -395,7 +451,8 @@ class SQLiteStore:
                 epoch += 1
                 row = db.execute(
                     "UPDATE tasks SET state=?, attempt=attempt+1, epoch=?, node_id=?,"
-                    " exit_code=NULL, reason=NULL WHERE id=? AND state=?"
+                    " exit_code=NULL, reason=NULL, not_before=NULL, lost_first=0"
+                    " WHERE id=? AND state=?"
                     " RETURNING attempt, idx, (SELECT id FROM jobs WHERE seq=job_seq)",
                     (target, epoch, placement.node_id, placement.task_id, TaskState.PENDING.value),
                 ).fetchone()
@@ -477,11 +534,22 @@ class SQLiteStore:
         outputs: dict[str, bytes],
         now: float,
         node_id: str | None = None,
+        backoff_base: float = 0.0,
+        backoff_cap: float = 0.0,
     ) -> TaskState | None:
-        """Commit the end of an attempt; the task's new state, or None if the report is stale."""
+        """Commit the end of an attempt; the task's new state, or None if the report is stale.
+
+        A stale report (its attempt was superseded) changes nothing but is kept on the attempt
+        it belongs to, so `mesh status` can show that a late result arrived and was refused.
+        """
         with self._tx() as db:
             current = self._current(db, task_id, attempt, epoch, node_id)
             if current is None:
+                db.execute(
+                    "UPDATE attempts SET late_result=? WHERE task_id=? AND attempt=? AND epoch=?"
+                    " AND node_id=COALESCE(?, node_id)",
+                    (f"{reason} (refused: superseded)", task_id, attempt, epoch, node_id),
+                )
                 return None
             state, failures, spec_json = current
             retries = int(json.loads(spec_json)["retries"])
@@ -502,11 +570,22 @@ class SQLiteStore:
                 (attempt_state.value, now, exit_code, reason, task_id, attempt),
             )
             if new_state is TaskState.PENDING:
-                # Back in the queue: it waits on no node until it is placed again.
+                # Back in the queue: it waits on no node until it is placed again, and a retry
+                # after a failure waits out its backoff first.
+                delay = retry_backoff(failures, backoff_base, backoff_cap)
+                not_before = now + delay if event is TaskEvent.RETRY and delay > 0 else None
                 db.execute(
                     "UPDATE tasks SET state=?, failures=?, exit_code=?, reason=?, node_id=NULL,"
-                    " started_at=NULL WHERE id=?",
-                    (new_state.value, failures, exit_code, reason, task_id),
+                    " started_at=NULL, not_before=?, lost_first=? WHERE id=?",
+                    (
+                        new_state.value,
+                        failures,
+                        exit_code,
+                        reason,
+                        not_before,
+                        int(event is TaskEvent.REQUEUE),
+                        task_id,
+                    ),
                 )
             else:
                 db.execute(
@@ -545,7 +624,8 @@ class SQLiteStore:
                     continue
                 new_state = next_task_state(TaskState(state), TaskEvent.REQUEUE)
                 db.execute(
-                    "UPDATE tasks SET state=?, node_id=NULL, started_at=NULL WHERE id=?",
+                    "UPDATE tasks SET state=?, node_id=NULL, started_at=NULL, not_before=NULL,"
+                    " lost_first=1 WHERE id=?",
                     (new_state.value, task_id),
                 )
                 db.execute(

@@ -94,17 +94,6 @@ class JoinResponse(Strict):
     ca: str
 
 
-class TaskInfo(Strict):
-    index: int
-    state: str
-    node: str | None
-    exit_code: int | None
-    reason: str | None
-    attempts: int
-    started_at: float | None
-    ended_at: float | None
-
-
 class AttemptInfo(Strict):
     attempt: int
     node: str
@@ -114,6 +103,19 @@ class AttemptInfo(Strict):
     assigned_at: float
     started_at: float | None
     ended_at: float | None
+    late_result: str | None = None  # a result that came after it was superseded, refused
+
+
+class TaskInfo(Strict):
+    index: int
+    state: str
+    node: str | None
+    exit_code: int | None
+    reason: str | None
+    attempts: int
+    started_at: float | None
+    ended_at: float | None
+    history: list[AttemptInfo] | None = None  # every attempt, in the detail of one job
 
 
 class JobInfo(Strict):
@@ -135,6 +137,10 @@ class JobInfo(Strict):
     task_list: list[TaskInfo] | None = None  # only in the detail of one job
 
 
+class DrainRequest(Strict):
+    deadline: Finite | None = Field(default=None, gt=0, le=30 * 86400)  # seconds from now
+
+
 class NodeInfo(Strict):
     id: str
     name: str
@@ -147,6 +153,7 @@ class NodeInfo(Strict):
     sandbox: str
     version: str
     last_seen: float
+    drain_deadline: float | None = None
 
 
 class LogChunk(Strict):

@@ -16,6 +16,7 @@ import typer
 
 from planetary_mesh.cli import work
 from planetary_mesh.cli.common import ConfigOption, client_for, err_console
+from planetary_mesh.cli.nodes import nodes_app
 from planetary_mesh.config import (
     DEFAULT_PORT,
     AgentPaths,
@@ -36,6 +37,7 @@ app = typer.Typer(
 )
 token_app = typer.Typer(help="Join tokens for new agents.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
+app.add_typer(nodes_app, name="nodes")
 work.register(app)
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Where this keeps its files.")]

@@ -23,8 +23,8 @@ from planetary_mesh.cli.common import (
 )
 from planetary_mesh.client import Client
 from planetary_mesh.errors import ConfigError, NotFound
-from planetary_mesh.protocol import JobInfo, JobSubmit, TaskInfo
-from planetary_mesh.units import format_duration, format_size, parse_duration, parse_size
+from planetary_mesh.protocol import AttemptInfo, JobInfo, JobSubmit, TaskInfo
+from planetary_mesh.units import format_duration, parse_duration, parse_size
 
 POLL_INTERVAL = 0.2
 _ENDED_JOB = {"succeeded", "failed", "cancelled"}
@@ -202,6 +202,28 @@ def register(app: typer.Typer) -> None:
                 for t in job.task_list or []
             ],
         )
+        # Tasks that needed more than one try, or got a late result, show every attempt.
+        retried = [
+            t for t in job.task_list or [] if len(t.history or []) > 1 or _late(t.history or [])
+        ]
+        if retried:
+            table(
+                "attempts",
+                ["TASK", "#", "NODE", "STATE", "EXIT", "REASON"],
+                [
+                    [
+                        str(t.index),
+                        str(a.attempt),
+                        a.node,
+                        a.state,
+                        "-" if a.exit_code is None else str(a.exit_code),
+                        (a.reason or "")
+                        + (f"; late result: {a.late_result}" if a.late_result else ""),
+                    ]
+                    for t in retried
+                    for a in t.history or []
+                ],
+            )
 
     @app.command()
     def logs(
@@ -257,30 +279,9 @@ def register(app: typer.Typer) -> None:
                     written += 1
         err_console.print(f"{written} files written under {directory}", highlight=False)
 
-    @app.command()
-    def nodes(config: ConfigOption = None, output: OutputOption = OutputFormat.TABLE) -> None:
-        """List the mesh's nodes with their state and resources."""
-        with client_for(config) as client:
-            found = client.nodes()
-        if output is OutputFormat.JSON:
-            print_json(found)
-            return
-        table(
-            None,
-            ["ID", "NAME", "STATE", "CPUS", "MEMORY", "RUNNING", "SANDBOX"],
-            [
-                [
-                    n.id,
-                    n.name,
-                    n.state,
-                    f"{n.used_cpus:g}/{n.cpus:g}",
-                    f"{format_size(n.used_memory)}/{format_size(n.memory)}",
-                    str(n.running),
-                    n.sandbox or "-",
-                ]
-                for n in found
-            ],
-        )
+
+def _late(history: list[AttemptInfo]) -> bool:
+    return any(a.late_result for a in history)
 
 
 def _counts(job: JobInfo) -> str:

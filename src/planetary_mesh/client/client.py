@@ -147,9 +147,17 @@ class Client:
     def nodes(self) -> list[NodeInfo]:
         return self._models(NodeInfo, "GET", "/v1/nodes")
 
+    def drain(self, node_id: str, deadline: float | None = None) -> NodeInfo:
+        return self._model(
+            NodeInfo, "POST", f"/v1/nodes/{_segment(node_id)}/drain", json={"deadline": deadline}
+        )
+
+    def undrain(self, node_id: str) -> NodeInfo:
+        return self._model(NodeInfo, "POST", f"/v1/nodes/{_segment(node_id)}/undrain")
+
 
 def _segment(value: str) -> str:
     """A job id as one URL path segment: anything else is simply not a job."""
     if not value or not all(c.isalnum() or c in "-_" for c in value):
-        raise NotFound(f"no job {value!r}: job ids are letters and digits (see `mesh jobs`)")
+        raise NotFound(f"no such id {value!r}: ids are letters, digits and dashes")
     return value

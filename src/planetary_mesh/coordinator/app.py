@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from planetary_mesh import __version__
 from planetary_mesh.coordinator.peer_cert import peer_cert_der
 from planetary_mesh.coordinator.service import CoordinatorService
-from planetary_mesh.core.model import Job, Node, Task
+from planetary_mesh.core.model import Attempt, Job, Node, Task
 from planetary_mesh.core.states import TaskState
 from planetary_mesh.errors import (
     MeshError,
@@ -37,6 +37,7 @@ from planetary_mesh.protocol import (
     MAX_REQUEST_BYTES,
     AgentMessage,
     AttemptInfo,
+    DrainRequest,
     Heartbeat,
     Hello,
     JobInfo,
@@ -141,7 +142,8 @@ def create_app(service: CoordinatorService) -> FastAPI:
     @app.get("/v1/jobs/{job_id}")
     async def job(job_id: str, _: User) -> JobInfo:
         found = service.job(job_id)
-        return _job_info(found, service.store.tasks(job_id))
+        history = service.store.attempts_of_job(job_id)
+        return _job_info(found, service.store.tasks(job_id), history)
 
     @app.post("/v1/jobs/{job_id}/cancel")
     async def cancel(job_id: str, who: User) -> JobInfo:
@@ -168,23 +170,21 @@ def create_app(service: CoordinatorService) -> FastAPI:
     @app.get("/v1/jobs/{job_id}/tasks/{index}/attempts")
     async def attempts(job_id: str, index: TaskIndex, _: User) -> list[AttemptInfo]:
         task_id, _attempt = service.task_id(job_id, index)
-        return [
-            AttemptInfo(
-                attempt=a.number,
-                node=a.node_id,
-                state=a.state.value,
-                exit_code=a.exit_code,
-                reason=a.reason,
-                assigned_at=a.assigned_at,
-                started_at=a.started_at,
-                ended_at=a.ended_at,
-            )
-            for a in service.store.attempts(task_id)
-        ]
+        return [_attempt_info(a) for a in service.store.attempts(task_id)]
 
     @app.get("/v1/nodes")
     async def nodes(_: User) -> list[NodeInfo]:
         return [_node_info(node) for node in service.store.nodes()]
+
+    @app.post("/v1/nodes/{node_id}/drain")
+    async def drain(node_id: str, body: DrainRequest, who: Admin) -> NodeInfo:
+        service.drain(node_id, body.deadline, who.name)
+        return _node(service, node_id)
+
+    @app.post("/v1/nodes/{node_id}/undrain")
+    async def undrain(node_id: str, who: Admin) -> NodeInfo:
+        service.undrain(node_id, who.name)
+        return _node(service, node_id)
 
     @app.websocket("/v1/agent/session")
     async def agent_session(websocket: WebSocket) -> None:
@@ -276,7 +276,27 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _job_info(job: Job, tasks: list[Task] | None = None) -> JobInfo:
+def _node(service: CoordinatorService, node_id: str) -> NodeInfo:
+    return next(_node_info(n) for n in service.store.nodes() if n.id == node_id)
+
+
+def _attempt_info(a: Attempt) -> AttemptInfo:
+    return AttemptInfo(
+        attempt=a.number,
+        node=a.node_id,
+        state=a.state.value,
+        exit_code=a.exit_code,
+        reason=a.reason,
+        assigned_at=a.assigned_at,
+        started_at=a.started_at,
+        ended_at=a.ended_at,
+        late_result=a.late_result,
+    )
+
+
+def _job_info(
+    job: Job, tasks: list[Task] | None = None, history: dict[int, list[Attempt]] | None = None
+) -> JobInfo:
     counts = {state.value: job.counts.get(state, 0) for state in TaskState}
     return JobInfo(
         id=job.id,
@@ -294,11 +314,13 @@ def _job_info(job: Job, tasks: list[Task] | None = None) -> JobInfo:
         outputs=list(job.spec.outputs),
         cancelled_by=job.cancelled_by,
         tasks={"total": job.spec.count, **counts},
-        task_list=None if tasks is None else [_task_info(t) for t in tasks],
+        task_list=None
+        if tasks is None
+        else [_task_info(t, (history or {}).get(t.index, [])) for t in tasks],
     )
 
 
-def _task_info(task: Task) -> TaskInfo:
+def _task_info(task: Task, history: list[Attempt]) -> TaskInfo:
     return TaskInfo(
         index=task.index,
         state=task.state.value,
@@ -308,6 +330,7 @@ def _task_info(task: Task) -> TaskInfo:
         attempts=task.attempt,
         started_at=task.started_at,
         ended_at=task.ended_at,
+        history=[_attempt_info(a) for a in history],
     )
 
 
@@ -315,7 +338,7 @@ def _node_info(node: Node) -> NodeInfo:
     return NodeInfo(
         id=node.id,
         name=node.name,
-        state=node.state.value,
+        state=node.shown_state.value,
         cpus=node.cpus,
         memory=node.memory,
         used_cpus=node.used_cpus,
@@ -324,4 +347,5 @@ def _node_info(node: Node) -> NodeInfo:
         sandbox=node.sandbox,
         version=node.version,
         last_seen=node.last_seen,
+        drain_deadline=node.drain_deadline,
     )

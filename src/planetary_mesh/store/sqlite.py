@@ -347,20 +347,22 @@ class SQLiteStore:
         ).fetchone()
         return _task_from_row(row) if row else None
 
+    def attempts_of_job(self, job_id: str) -> dict[int, list[Attempt]]:
+        """Every attempt of every task of a job, by task index."""
+        result: dict[int, list[Attempt]] = {}
+        for row in self._db.execute(
+            "SELECT t.idx, a.attempt, a.node_id, a.epoch, a.state, a.assigned_at, a.started_at,"
+            " a.ended_at, a.exit_code, a.reason, a.late_result FROM attempts a"
+            " JOIN tasks t ON t.id = a.task_id JOIN jobs j ON j.seq = t.job_seq"
+            " WHERE j.id=? ORDER BY t.idx, a.attempt",
+            (job_id,),
+        ):
+            result.setdefault(row[0], []).append(_attempt_from_row(row[1:]))
+        return result
+
     def attempts(self, task_id: int) -> list[Attempt]:
         return [
-            Attempt(
-                number=row[0],
-                node_id=row[1],
-                epoch=row[2],
-                state=AttemptState(row[3]),
-                assigned_at=row[4],
-                started_at=row[5],
-                ended_at=row[6],
-                exit_code=row[7],
-                reason=row[8],
-                late_result=row[9],
-            )
+            _attempt_from_row(row)
             for row in self._db.execute(
                 "SELECT attempt, node_id, epoch, state, assigned_at, started_at, ended_at,"
                 " exit_code, reason, late_result FROM attempts WHERE task_id=? ORDER BY attempt",
@@ -682,4 +684,20 @@ def _task_from_row(row: tuple[Any, ...]) -> Task:
         reason=reason,
         started_at=started,
         ended_at=ended,
+    )
+
+
+def _attempt_from_row(row: tuple[Any, ...]) -> Attempt:
+    number, node_id, epoch, state, assigned, started, ended, exit_code, reason, late = row
+    return Attempt(
+        number=number,
+        node_id=node_id,
+        epoch=epoch,
+        state=AttemptState(state),
+        assigned_at=assigned,
+        started_at=started,
+        ended_at=ended,
+        exit_code=exit_code,
+        reason=reason,
+        late_result=late,
     )

@@ -30,6 +30,7 @@ class LocalMesh:
         agent_cpus: float | None = None,
         agent_memory: str | None = None,
         log_dir: Path | None = None,
+        coordinator_args: tuple[str, ...] = (),
     ) -> None:
         self.data_dir = data_dir
         self.paths = CoordinatorPaths(data_dir)
@@ -39,6 +40,7 @@ class LocalMesh:
         self.agent_cpus = agent_cpus
         self.agent_memory = agent_memory
         self.log_dir = log_dir or data_dir / "logs"
+        self.coordinator_args = coordinator_args
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.agents: list[subprocess.Popen[bytes]] = []
         self.url = ""
@@ -69,7 +71,14 @@ class LocalMesh:
         self.paths.url_file.unlink(missing_ok=True)
         self.coordinator = self._spawn(
             "coordinator",
-            ["coordinator", "--data-dir", str(self.data_dir), "--listen", self._listen_now()],
+            [
+                "coordinator",
+                "--data-dir",
+                str(self.data_dir),
+                "--listen",
+                self._listen_now(),
+                *self.coordinator_args,
+            ],
         )
         deadline = time.monotonic() + START_TIMEOUT
         while not self.paths.url_file.exists():
@@ -144,6 +153,18 @@ class LocalMesh:
 
     def client(self) -> Client:
         return Client(load_client_config(self.client_config))
+
+    def kill_agent(self, i: int) -> None:
+        """kill -9 agent ``i`` (its sandboxed tasks die with it)."""
+        proc = self.agents[i]
+        proc.kill()
+        proc.wait()
+
+    def restart_agent(self, i: int) -> None:
+        """Start agent ``i`` again from its data dir: it rejoins with its stored certificate."""
+        if self.agents[i].poll() is None:
+            raise MeshError(f"agent {i + 1} is still running")
+        self.agents[i] = self._start_agent(i, None)
 
     def kill_coordinator(self) -> None:
         """kill -9: no chance to clean up, as in a crash."""

@@ -1,0 +1,167 @@
+"""No work lost: agents killed, frozen and drained, the coordinator killed, all with real
+processes on loopback. Timings are not asserted here (the benchmark reports them); the tests
+wait with deadlines and assert what happened."""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import kill_leftovers, output_of, processes_with, wait_for, wait_job
+
+from planetary_mesh.client import Client
+from planetary_mesh.protocol import JobInfo, JobSubmit, TaskInfo
+from planetary_mesh.testing import LocalMesh
+
+pytestmark = pytest.mark.e2e
+
+
+def _sleeper(seconds: float, marker: str) -> list[str]:
+    code = f"import time; time.sleep({seconds}); print('done')"
+    return ["python3", "-c", code, marker]
+
+
+def _tasks(client: Client, job_id: str) -> list[TaskInfo]:
+    return client.job(job_id).task_list or []
+
+
+def _running_on(client: Client, job_id: str) -> dict[str, int]:
+    return {t.node: t.index for t in _tasks(client, job_id) if t.state == "running" and t.node}
+
+
+def _node_id(client: Client, name: str) -> str:
+    return next(n.id for n in client.nodes() if n.name == name)
+
+
+def _node_state(client: Client, node_id: str) -> str:
+    return next(n.state for n in client.nodes() if n.id == node_id)
+
+
+def _marked_descendants(pid: int, marker: str) -> set[int]:
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return set()
+    return {p.pid for p in children if p in processes_with(marker)}
+
+
+def _one_success_each(job: JobInfo) -> None:
+    for task in job.task_list or []:
+        succeeded = [a for a in task.history or [] if a.state == "succeeded"]
+        assert task.state == "succeeded" and len(succeeded) == 1, task
+
+
+def test_a_killed_agents_task_completes_elsewhere_without_using_a_retry(tmp_path: Path) -> None:
+    marker = f"mesh-kill-{uuid.uuid4().hex}"
+    try:
+        with LocalMesh(tmp_path, agents=3, agent_cpus=1) as mesh, mesh.client() as client:
+            job = client.submit(JobSubmit(argv=_sleeper(1.5, marker), count=3, retries=0))
+            wait_for(lambda: len(_running_on(client, job.id)) == 3, 30, "three running tasks")
+            victim = _node_id(client, "agent-1")
+            index = _running_on(client, job.id)[victim]
+            mesh.kill_agent(0)
+            final = client.job(wait_job(client, job.id).id)
+            assert final.state == "succeeded"
+            _one_success_each(final)
+            task = (final.task_list or [])[index]
+            first, second = task.history or []
+            assert first.node == victim and first.state == "lost"
+            assert first.reason is not None and "node lost" in first.reason
+            assert second.node != victim and second.state == "succeeded"
+            assert output_of(client, job.id, index) == "done\n"
+            assert _node_state(client, victim) == "lost"
+    finally:
+        kill_leftovers(marker)
+
+
+def test_a_frozen_agent_loses_its_task_and_its_late_result_is_refused(tmp_path: Path) -> None:
+    marker = f"mesh-stop-{uuid.uuid4().hex}"
+    agent_pid = 0
+    try:
+        with LocalMesh(tmp_path, agents=2, agent_cpus=1) as mesh, mesh.client() as client:
+            job = client.submit(JobSubmit(argv=_sleeper(8, marker), count=1))
+            wait_for(lambda: bool(_running_on(client, job.id)), 30, "the task to run")
+            (frozen_node,) = _running_on(client, job.id)
+            frozen = next(i for i in range(2) if _node_id(client, f"agent-{i + 1}") == frozen_node)
+            agent_pid = mesh.agents[frozen].pid
+            wait_for(lambda: bool(_marked_descendants(agent_pid, marker)), 10, "its processes")
+            stale = _marked_descendants(agent_pid, marker)
+            os.kill(agent_pid, signal.SIGSTOP)
+            # Within the default grace the node is lost and the task runs elsewhere.
+            wait_for(lambda: _node_state(client, frozen_node) == "lost", 15, "the node lost")
+            wait_for(
+                lambda: any(n != frozen_node for n in _running_on(client, job.id)),
+                15,
+                "the task to run on the other node",
+            )
+            os.kill(agent_pid, signal.SIGCONT)
+            agent_pid = 0
+            # The thawed agent's lease has expired: it kills its stale task, and the
+            # coordinator refuses what it reports for the superseded attempt.
+            wait_for(lambda: not any(psutil.pid_exists(p) for p in stale), 15, "stale processes")
+            first = lambda: (_tasks(client, job.id)[0].history or [])[0]  # noqa: E731
+            wait_for(lambda: first().late_result is not None, 15, "the late result")
+            assert first().state == "lost" and first().node == frozen_node
+            assert "refused" in str(first().late_result)
+            wait_for(lambda: _node_state(client, frozen_node) == "ready", 15, "the node back")
+            final = client.job(wait_job(client, job.id, timeout=60).id)
+            _one_success_each(final)
+            assert output_of(client, job.id, 0) == "done\n"
+    finally:
+        if agent_pid:
+            os.kill(agent_pid, signal.SIGCONT)
+        kill_leftovers(marker)
+
+
+def test_running_tasks_are_adopted_after_a_coordinator_kill9(tmp_path: Path) -> None:
+    marker = f"mesh-adopt-{uuid.uuid4().hex}"
+    try:
+        with LocalMesh(tmp_path, agents=2, agent_cpus=1) as mesh, mesh.client() as client:
+            job = client.submit(JobSubmit(argv=_sleeper(4, marker), count=2))
+            wait_for(lambda: len(_running_on(client, job.id)) == 2, 30, "both tasks running")
+            wait_for(lambda: len(processes_with(marker)) >= 2, 10, "their processes")
+            pids = {p.pid for p in processes_with(marker)}
+            mesh.kill_coordinator()
+            mesh.start_coordinator()
+            with mesh.client() as again:
+                wait_for(
+                    lambda: sum(n.state == "ready" for n in again.nodes()) == 2, 30, "reconnect"
+                )
+                # Adopted, not restarted: the very same processes are still running.
+                assert all(psutil.pid_exists(p) for p in pids)
+                final = again.job(wait_job(again, job.id).id)
+                _one_success_each(final)
+                for task in final.task_list or []:
+                    assert task.attempts == 1
+                    assert output_of(again, job.id, task.index) == "done\n"
+    finally:
+        kill_leftovers(marker)
+
+
+def test_drain_stops_new_work_and_hands_back_at_the_deadline(tmp_path: Path) -> None:
+    marker = f"mesh-drain-{uuid.uuid4().hex}"
+    try:
+        with LocalMesh(tmp_path, agents=2, agent_cpus=1) as mesh, mesh.client() as client:
+            long = client.submit(JobSubmit(argv=_sleeper(30, marker), count=1))
+            wait_for(lambda: bool(_running_on(client, long.id)), 30, "the long task to run")
+            (busy,) = _running_on(client, long.id)
+            drained = client.drain(busy, deadline=1.0)
+            assert drained.state == "draining"
+            # The deadline passes: the task is handed back (not as a failure) and runs on the
+            # other node; nothing new lands on the drained one.
+            wait_for(lambda: any(n != busy for n in _running_on(client, long.id)), 30, "hand back")
+            first = (_tasks(client, long.id)[0].history or [])[0]
+            assert first.state == "lost" and first.reason == "drain deadline passed"
+            short = client.submit(JobSubmit(argv=["true"], count=4))
+            final = client.job(wait_job(client, short.id).id)
+            assert all(t.node != busy for t in final.task_list or [])
+            client.cancel(long.id)
+            assert client.undrain(busy).state == "ready"
+            again = client.job(wait_job(client, client.submit(JobSubmit(argv=["true"])).id).id)
+            assert again.state == "succeeded"
+    finally:
+        kill_leftovers(marker)

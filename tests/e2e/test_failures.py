@@ -14,7 +14,7 @@ import pytest
 from helpers import kill_leftovers, output_of, processes_with, wait_for, wait_job
 
 from planetary_mesh.client import Client
-from planetary_mesh.protocol import JobInfo, JobSubmit, TaskInfo
+from planetary_mesh.protocol import AttemptInfo, JobInfo, JobSubmit, TaskInfo
 from planetary_mesh.testing import LocalMesh
 
 pytestmark = pytest.mark.e2e
@@ -103,7 +103,10 @@ def test_a_frozen_agent_loses_its_task_and_its_late_result_is_refused(tmp_path: 
             # The thawed agent's lease has expired: it kills its stale task, and the
             # coordinator refuses what it reports for the superseded attempt.
             wait_for(lambda: not any(psutil.pid_exists(p) for p in stale), 15, "stale processes")
-            first = lambda: (_tasks(client, job.id)[0].history or [])[0]  # noqa: E731
+
+            def first() -> AttemptInfo:
+                return (_tasks(client, job.id)[0].history or [])[0]
+
             wait_for(lambda: first().late_result is not None, 15, "the late result")
             assert first().state == "lost" and first().node == frozen_node
             assert "refused" in str(first().late_result)

@@ -25,15 +25,20 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def wait_job(client: Client, job_id: str, timeout: float = 60) -> JobInfo:
-    result: list[JobInfo] = []
+    """Wait for the job to end; the ended job with every task and attempt."""
+    wait_for(
+        lambda: client.job(job_id, tasks=False).state in ENDED, timeout, f"job {job_id} to end"
+    )
+    return client.job(job_id)
 
-    def ended() -> bool:
-        job = client.job(job_id)
-        result[:] = [job]
-        return job.state in ENDED
 
-    wait_for(ended, timeout, f"job {job_id} to end")
-    return result[0]
+def wait_succeeded(client: Client, job_id: str, count: int, timeout: float) -> None:
+    """Wait until at least ``count`` of the job's tasks have succeeded."""
+    wait_for(
+        lambda: client.job(job_id, tasks=False).tasks["succeeded"] >= count,
+        timeout,
+        f"{count} tasks of job {job_id} to succeed",
+    )
 
 
 def output_of(client: Client, job_id: str, index: int) -> str:

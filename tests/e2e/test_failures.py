@@ -64,7 +64,7 @@ def test_a_killed_agents_task_completes_elsewhere_without_using_a_retry(tmp_path
             victim = _node_id(client, "agent-1")
             index = _running_on(client, job.id)[victim]
             mesh.kill_agent(0)
-            final = client.job(wait_job(client, job.id).id)
+            final = wait_job(client, job.id)
             assert final.state == "succeeded"
             _one_success_each(final)
             task = (final.task_list or [])[index]
@@ -111,7 +111,7 @@ def test_a_frozen_agent_loses_its_task_and_its_late_result_is_refused(tmp_path: 
             assert first().state == "lost" and first().node == frozen_node
             assert "refused" in str(first().late_result)
             wait_for(lambda: _node_state(client, frozen_node) == "ready", 15, "the node back")
-            final = client.job(wait_job(client, job.id, timeout=60).id)
+            final = wait_job(client, job.id, timeout=60)
             _one_success_each(final)
             assert output_of(client, job.id, 0) == "done\n"
     finally:
@@ -136,7 +136,7 @@ def test_running_tasks_are_adopted_after_a_coordinator_kill9(tmp_path: Path) -> 
                 )
                 # Adopted, not restarted: the very same processes are still running.
                 assert all(psutil.pid_exists(p) for p in pids)
-                final = again.job(wait_job(again, job.id).id)
+                final = wait_job(again, job.id)
                 _one_success_each(final)
                 for task in final.task_list or []:
                     assert task.attempts == 1
@@ -160,11 +160,11 @@ def test_drain_stops_new_work_and_hands_back_at_the_deadline(tmp_path: Path) -> 
             first = (_tasks(client, long.id)[0].history or [])[0]
             assert first.state == "lost" and first.reason == "drain deadline passed"
             short = client.submit(JobSubmit(argv=["true"], count=4))
-            final = client.job(wait_job(client, short.id).id)
+            final = wait_job(client, short.id)
             assert all(t.node != busy for t in final.task_list or [])
             client.cancel(long.id)
             assert client.undrain(busy).state == "ready"
-            again = client.job(wait_job(client, client.submit(JobSubmit(argv=["true"])).id).id)
+            again = wait_job(client, client.submit(JobSubmit(argv=["true"])).id)
             assert again.state == "succeeded"
     finally:
         kill_leftovers(marker)

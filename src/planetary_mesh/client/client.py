@@ -117,8 +117,10 @@ class Client:
     def jobs(self, limit: int = 200) -> list[JobInfo]:
         return self._models(JobInfo, "GET", "/v1/jobs", params={"limit": limit})
 
-    def job(self, job_id: str) -> JobInfo:
-        return self._model(JobInfo, "GET", f"/v1/jobs/{_segment(job_id)}")
+    def job(self, job_id: str, tasks: bool = True) -> JobInfo:
+        """A job, with every task and attempt unless ``tasks`` is false (counts only)."""
+        params = {} if tasks else {"tasks": "false"}
+        return self._model(JobInfo, "GET", f"/v1/jobs/{_segment(job_id)}", params=params)
 
     def cancel(self, job_id: str) -> JobInfo:
         return self._model(JobInfo, "POST", f"/v1/jobs/{_segment(job_id)}/cancel")

@@ -140,8 +140,11 @@ def create_app(service: CoordinatorService) -> FastAPI:
         return [_job_info(job) for job in service.store.jobs(limit)]
 
     @app.get("/v1/jobs/{job_id}")
-    async def job(job_id: str, _: User) -> JobInfo:
+    async def job(job_id: str, _: User, tasks: bool = True) -> JobInfo:
+        """One job; with ``tasks=false`` only its counts, cheap enough to poll."""
         found = service.job(job_id)
+        if not tasks:
+            return _job_info(found)
         history = service.store.attempts_of_job(job_id)
         return _job_info(found, service.store.tasks(job_id), history)
 

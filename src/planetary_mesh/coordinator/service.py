@@ -376,25 +376,23 @@ class CoordinatorService:
                 log.exception("liveness check failed")
 
     def agent_report(self, session: AgentSession, report: Report) -> None:
-        """Commit a batch of agent events, then acknowledge it so the agent can forget it."""
+        """Commit a batch of agent events in one transaction, then acknowledge it so the
+        agent can forget it."""
         now = self.clock()
         logs: list[tuple[int, int, int, bytes]] = []
         freed = False
-        for event in report.events:
-            task_id, attempt, epoch = event.task
-            if isinstance(event, Log):
-                logs.append((task_id, attempt, event.offset, base64.b64decode(event.data)))
-            elif isinstance(event, Started):
-                if logs:
+        with self.store.transaction():
+            for event in report.events:
+                task_id, attempt, epoch = event.task
+                if isinstance(event, Log):
+                    logs.append((task_id, attempt, event.offset, base64.b64decode(event.data)))
+                elif isinstance(event, Started):
+                    self.store.record_started(task_id, attempt, epoch, now, node_id=session.node_id)
+                elif isinstance(event, Ended):
+                    # Output is stored before the end it precedes.
                     self.store.record_logs(logs)
                     logs = []
-                self.store.record_started(task_id, attempt, epoch, now, node_id=session.node_id)
-            elif isinstance(event, Ended):
-                if logs:
-                    self.store.record_logs(logs)
-                    logs = []
-                freed |= self._record_end(session.node_id, event, now)
-        if logs:
+                    freed |= self._record_end(session.node_id, event, now)
             self.store.record_logs(logs)
         session.send({"type": "ack", "seq": report.seq})
         if freed:

@@ -7,6 +7,7 @@ round or per batch of agent reports) keeps that affordable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -43,6 +44,7 @@ class SQLiteStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
+        self._depth = 0  # nesting of _tx: only the outermost commits
         self._migrate()
 
     def close(self) -> None:
@@ -52,13 +54,36 @@ class SQLiteStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """A transaction; inside another one, a savepoint, so a caller can group many store
+        calls into one commit (one fsync) while each call still fails on its own."""
+        if self._depth:
+            self._depth += 1
+            name = f"sp{self._depth}"
+            self._db.execute(f"SAVEPOINT {name}")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute(f"ROLLBACK TO {name}")
+                self._db.execute(f"RELEASE {name}")
+                raise
+            finally:
+                self._depth -= 1
+            self._db.execute(f"RELEASE {name}")
+            return
         self._db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
         try:
             yield self._db
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+        finally:
+            self._depth = 0
         self._db.execute("COMMIT")
+
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """Group several store calls into one atomic commit."""
+        return self._tx()
 
     def _migrate(self) -> None:
         has_meta = self._db.execute(

@@ -88,7 +88,10 @@ class CoordinatorService:
             for node in store.nodes()
             if node.state is not NodeState.LOST
         }
-        self.draining = {node.id for node in store.nodes() if node.draining}
+        # Draining nodes and their deadlines, kept in memory: checked on every liveness tick.
+        self.draining: dict[str, float | None] = {
+            node.id: node.drain_deadline for node in store.nodes() if node.draining
+        }
         self._interval = self.policy.interval(self._live_nodes())
 
     # -- tokens and joining -----------------------------------------------------------------
@@ -315,9 +318,9 @@ class CoordinatorService:
                     "node_suspect", f"node {change.node_id}: {change.reason}",
                     node_id=change.node_id,
                 )  # fmt: skip
-        for node in self.store.nodes():
-            if node.draining and node.drain_deadline is not None and now >= node.drain_deadline:
-                self._hand_back(node.id, "drain deadline passed")
+        for node_id, deadline in self.draining.items():
+            if deadline is not None and now >= deadline:
+                self._hand_back(node_id, "drain deadline passed")
 
     def _node_lost(self, node_id: str, why: str) -> None:
         requeued = self.store.requeue_node_attempts(
@@ -353,13 +356,13 @@ class CoordinatorService:
         self._known_node(node_id)
         at = None if deadline is None else self.clock() + deadline
         self.store.set_drain(node_id, True, at)
-        self.draining.add(node_id)
+        self.draining[node_id] = at
         self.event("node_drain", f"node {node_id} drained by {by}", node_id=node_id)
 
     def undrain(self, node_id: str, by: str) -> None:
         self._known_node(node_id)
         self.store.set_drain(node_id, False, None)
-        self.draining.discard(node_id)
+        self.draining.pop(node_id, None)
         self.event("node_undrain", f"node {node_id} undrained by {by}", node_id=node_id)
         self.kick()
 

@@ -148,7 +148,7 @@ def test_running_tasks_are_adopted_after_a_coordinator_kill9(tmp_path: Path) -> 
 def test_drain_stops_new_work_and_hands_back_at_the_deadline(tmp_path: Path) -> None:
     marker = f"mesh-drain-{uuid.uuid4().hex}"
     try:
-        with LocalMesh(tmp_path, agents=2, agent_cpus=1) as mesh, mesh.client() as client:
+        with LocalMesh(tmp_path, agents=2, agent_cpus=2) as mesh, mesh.client() as client:
             long = client.submit(JobSubmit(argv=_sleeper(30, marker), count=1))
             wait_for(lambda: bool(_running_on(client, long.id)), 30, "the long task to run")
             (busy,) = _running_on(client, long.id)

@@ -4,13 +4,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v bwrap >/dev/null 2>&1; then
+# bubblewrap sandboxes tasks; with --dev, iproute2 and nftables build the tests' network
+# namespaces and partitions.
+need=()
+command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
+if [ "${1:-}" = "--dev" ]; then
+  command -v ip >/dev/null 2>&1 || need+=(iproute2)
+  command -v nft >/dev/null 2>&1 || need+=(nftables)
+fi
+if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing bubblewrap (the task sandbox)..."
+    echo "installing ${need[*]}..."
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   else
-    echo "bubblewrap (bwrap) is missing: install it (apt-get install bubblewrap) and rerun" >&2
+    echo "missing Debian packages: ${need[*]}; install them (apt-get install ${need[*]}) and rerun" >&2
     exit 1
   fi
 fi

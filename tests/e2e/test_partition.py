@@ -76,12 +76,16 @@ print(json.dumps(running))
 def network(tmp_path: Path) -> Iterator[Network]:
     net = Network(["c", *AGENTS], tmp_path / "logs")
     try:
+        problem = None
         try:
             net.create()
         except NetnsError as exc:
+            problem = str(exc)
+        if problem is not None:
+            # Fail, never skip: a machine that cannot run this test must say so.
             pytest.fail(
                 "cannot build the test network: this test needs root (CAP_NET_ADMIN and "
-                f"CAP_SYS_ADMIN), iproute2 and nftables: {exc}",
+                f"CAP_SYS_ADMIN), iproute2 and nftables: {problem}",
                 pytrace=False,
             )
         yield net

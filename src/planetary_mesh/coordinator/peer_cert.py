@@ -13,6 +13,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from websockets.protocol import State
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 ASGIApp = Any
@@ -45,6 +46,16 @@ class PeerCertWebSocketProtocol(WebSocketsSansIOProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.app = _with_peer(self.app, _peer_der(transport))
         super().connection_made(transport)
+
+    def shutdown(self) -> None:
+        # At server shutdown uvicorn sends a close frame on every session; when the agent has
+        # already started closing (it is stopping too), that raises InvalidState and breaks off
+        # the rest of the shutdown. Such a connection only needs dropping.
+        if self.handshake_complete and not self.close_sent and self.conn.state is not State.OPEN:
+            self.stop_keepalive()
+            self.transport.close()
+            return
+        super().shutdown()
 
 
 def peer_cert_der(scope: MutableMapping[str, Any]) -> bytes | None:

@@ -42,6 +42,7 @@ class LocalMesh:
         self.log_dir = log_dir or data_dir / "logs"
         self.coordinator_args = coordinator_args
         self.coordinator: subprocess.Popen[bytes] | None = None
+        self.exit_codes: dict[str, int | None] = {}  # of the processes the last stop() ended
         self.agents: list[subprocess.Popen[bytes]] = []
         self.url = ""
 
@@ -184,6 +185,12 @@ class LocalMesh:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self.exit_codes = {
+            name: proc.returncode
+            for name, proc in [("coordinator", self.coordinator)]
+            + [(f"agent-{i + 1}", a) for i, a in enumerate(self.agents)]
+            if proc is not None
+        }
         self.agents = []
         self.coordinator = None
 

@@ -103,3 +103,16 @@ def test_mesh_up_runs_work_and_stops_everything_on_sigterm(tmp_path: Path) -> No
         assert up.wait(timeout=30) == 0
         _gone, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, f"left running: {alive}"
+
+
+def test_a_local_mesh_stops_cleanly_while_agents_hold_sessions(tmp_path: Path) -> None:
+    from planetary_mesh.testing import LocalMesh
+
+    # Stopped together, the agents close their sessions while the coordinator shuts down: that
+    # once made the coordinator's shutdown crash (exit 1) instead of ending cleanly.
+    for round_ in range(3):
+        mesh = LocalMesh(tmp_path / f"m{round_}", agents=3, agent_cpus=1)
+        mesh.start()
+        mesh.stop()
+        clean = (0, -signal.SIGTERM)
+        assert all(code in clean for code in mesh.exit_codes.values()), mesh.exit_codes

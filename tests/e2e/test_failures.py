@@ -4,6 +4,7 @@ wait with deadlines and assert what happened."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import uuid
@@ -78,46 +79,75 @@ def test_a_killed_agents_task_completes_elsewhere_without_using_a_retry(tmp_path
         kill_leftovers(marker)
 
 
-def test_a_frozen_agent_loses_its_task_and_its_late_result_is_refused(tmp_path: Path) -> None:
-    marker = f"mesh-stop-{uuid.uuid4().hex}"
+def test_a_frozen_agent_loses_its_tasks_its_late_result_is_refused_and_it_fences_itself(
+    tmp_path: Path,
+) -> None:
+    quick, slow = f"mesh-quick-{uuid.uuid4().hex}", f"mesh-slow-{uuid.uuid4().hex}"
     agent_pid = 0
     try:
-        with LocalMesh(tmp_path, agents=2, agent_cpus=1) as mesh, mesh.client() as client:
-            job = client.submit(JobSubmit(argv=_sleeper(8, marker), count=1))
-            wait_for(lambda: bool(_running_on(client, job.id)), 30, "the task to run")
-            (frozen_node,) = _running_on(client, job.id)
+        with LocalMesh(tmp_path, agents=2, agent_cpus=2) as mesh, mesh.client() as client:
+            # Each agent runs one slow and one quick task; once moved, quick work goes first.
+            long = client.submit(JobSubmit(argv=_sleeper(60, slow), count=2, priority=-1))
+            short = client.submit(JobSubmit(argv=_sleeper(3, quick), count=2))
+            wait_for(
+                lambda: (
+                    len(_running_on(client, long.id)) == 2
+                    and len(_running_on(client, short.id)) == 2
+                ),
+                30,
+                "all four tasks to run",
+            )
+            frozen_node = _tasks(client, short.id)[0].node
+            assert frozen_node is not None
             frozen = next(i for i in range(2) if _node_id(client, f"agent-{i + 1}") == frozen_node)
             agent_pid = mesh.agents[frozen].pid
-            wait_for(lambda: bool(_marked_descendants(agent_pid, marker)), 10, "its processes")
-            stale = _marked_descendants(agent_pid, marker)
+            wait_for(
+                lambda: (
+                    bool(_marked_descendants(agent_pid, quick))
+                    and bool(_marked_descendants(agent_pid, slow))
+                ),
+                10,
+                "the frozen agent's task processes",
+            )
+            stale = _marked_descendants(agent_pid, quick) | _marked_descendants(agent_pid, slow)
             os.kill(agent_pid, signal.SIGSTOP)
-            # Within the default grace the node is lost and the task runs elsewhere.
+            # Within the default grace the node is lost and its quick task runs elsewhere; its
+            # own copy finishes meanwhile, but the frozen agent cannot report it.
             wait_for(lambda: _node_state(client, frozen_node) == "lost", 15, "the node lost")
             wait_for(
-                lambda: any(n != frozen_node for n in _running_on(client, job.id)),
+                lambda: (_tasks(client, short.id)[0].history or [])[-1].node != frozen_node,
                 15,
-                "the task to run on the other node",
+                "the quick task to move",
             )
             os.kill(agent_pid, signal.SIGCONT)
             agent_pid = 0
-            # The thawed agent's lease has expired: it kills its stale task, and the
-            # coordinator refuses what it reports for the superseded attempt.
+            # Thawed, the agent finds its lease expired: it kills its slow copy itself, and
+            # what it reports for the superseded attempts is refused.
             wait_for(lambda: not any(psutil.pid_exists(p) for p in stale), 15, "stale processes")
 
-            def first() -> AttemptInfo:
-                return (_tasks(client, job.id)[0].history or [])[0]
+            def first_quick() -> AttemptInfo:
+                return (_tasks(client, short.id)[0].history or [])[0]
 
-            wait_for(lambda: first().late_result is not None, 15, "the late result")
-            assert first().state == "lost" and first().node == frozen_node
-            assert "refused" in str(first().late_result)
             wait_for(lambda: _node_state(client, frozen_node) == "ready", 15, "the node back")
-            final = wait_job(client, job.id, timeout=60)
+            # Whether the thawed agent saw its quick copy exit first (a late result, refused
+            # and kept on the attempt) or its watchdog killed it first (a kill, nothing to
+            # keep) is a race; either way the superseded attempt stays lost.
+            assert first_quick().state == "lost" and first_quick().node == frozen_node
+            assert first_quick().late_result in (None, "exit code 0 (refused: superseded)")
+            slow_on_frozen = next(
+                a for t in _tasks(client, long.id) for a in t.history or [] if a.node == frozen_node
+            )
+            assert slow_on_frozen.state == "lost" and slow_on_frozen.late_result is None
+            final = wait_job(client, short.id, timeout=60)
             _one_success_each(final)
-            assert output_of(client, job.id, 0) == "done\n"
+            assert output_of(client, short.id, 0) == "done\n"
+            client.cancel(long.id)
     finally:
         if agent_pid:
-            os.kill(agent_pid, signal.SIGCONT)
-        kill_leftovers(marker)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(agent_pid, signal.SIGCONT)
+        kill_leftovers(quick)
+        kill_leftovers(slow)
 
 
 def test_running_tasks_are_adopted_after_a_coordinator_kill9(tmp_path: Path) -> None:

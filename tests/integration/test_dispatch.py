@@ -39,8 +39,10 @@ def _connect(service: CoordinatorService, node_id: str, cpus: float) -> AgentSes
 def _drain(session: AgentSession) -> list[dict[str, Any]]:
     messages = []
     while not session.outbox.empty():
-        messages.append(session.outbox.get_nowait())
-    return [m for m in messages if m["type"] == "assign"]
+        message = session.outbox.get_nowait()
+        if message is not None and message["type"] == "assign":
+            messages.append(message)
+    return messages
 
 
 def test_a_10000_task_array_goes_out_in_one_message_per_node(tmp_path: Path) -> None:

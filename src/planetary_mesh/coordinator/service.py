@@ -420,6 +420,7 @@ class CoordinatorService:
             node_id=node_id,  # an agent may only report on its own attempts
             backoff_base=self.retry_backoff[0],
             backoff_cap=self.retry_backoff[1],
+            killed=event.end == "cancelled",
         )
         if state is None:
             self.event(
@@ -459,8 +460,9 @@ class CoordinatorService:
         usage = self.store.usage_by_node()
         capacity = []
         for node_id, session in self.sessions.items():
-            if node_id in self.draining:
-                continue
+            live = self.liveness.get(node_id)
+            if node_id in self.draining or live is None or live.state is not NodeState.READY:
+                continue  # draining, or silent (suspect): it keeps its work but gets no more
             used_cpus, used_memory = usage.get(node_id, (0.0, 0))
             capacity.append(
                 NodeCapacity(node_id, session.cpus - used_cpus, session.memory - used_memory)

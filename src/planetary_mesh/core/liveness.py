@@ -38,8 +38,9 @@ class LivenessPolicy:
 
     def lease(self, nodes: int) -> float:
         """How long an agent may go without hearing from the coordinator before it kills its
-        own tasks: by then the coordinator has declared it lost and moved its work."""
-        return self.silence_limits(nodes)[1]
+        own tasks: one beat before the coordinator would declare it lost and move its work,
+        so that a cut-off agent's copy is gone before another copy starts."""
+        return self.silence_limits(nodes)[1] - self.interval(nodes)
 
 
 @dataclass(frozen=True)

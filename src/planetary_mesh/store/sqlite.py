@@ -563,6 +563,7 @@ class SQLiteStore:
         node_id: str | None = None,
         backoff_base: float = 0.0,
         backoff_cap: float = 0.0,
+        killed: bool = False,
     ) -> TaskState | None:
         """Commit the end of an attempt; the task's new state, or None if the report is stale.
 
@@ -572,12 +573,9 @@ class SQLiteStore:
         with self._tx() as db:
             current = self._current(db, task_id, attempt, epoch, node_id)
             if current is None:
-                db.execute(
-                    "UPDATE attempts SET late_result=? WHERE task_id=? AND attempt=? AND epoch=?"
-                    " AND node_id=COALESCE(?, node_id)",
-                    (f"{reason} (refused: superseded)", task_id, attempt, epoch, node_id),
+                return self._not_current(
+                    db, task_id, attempt, epoch, node_id, reason, exit_code, killed
                 )
-                return None
             state, failures, spec_json = current
             retries = int(json.loads(spec_json)["retries"])
             if not succeeded and counts_against_retries:
@@ -625,6 +623,43 @@ class SQLiteStore:
                 ((task_id, name, data) for name, data in outputs.items()),
             )
         return new_state
+
+    def _not_current(
+        self,
+        db: sqlite3.Connection,
+        task_id: int,
+        attempt: int,
+        epoch: int,
+        node_id: str | None,
+        reason: str,
+        exit_code: int | None,
+        killed: bool,
+    ) -> TaskState | None:
+        """An end report for an attempt that is not the task's current, active one.
+
+        Two are expected and recorded nowhere (answered with the task's state): the same report
+        again (an agent resends what was not acknowledged; its attempt already ended with this
+        very reason), and the news that a superseded attempt was killed (cancelled, handed back,
+        or fenced by the agent itself). Anything else is a late result of a superseded
+        attempt: refused (None), and kept on that attempt.
+        """
+        row = db.execute(
+            "SELECT a.ended_at, a.reason, a.exit_code, t.state FROM attempts a"
+            " JOIN tasks t ON t.id = a.task_id WHERE a.task_id=? AND a.attempt=? AND a.epoch=?"
+            " AND a.node_id=COALESCE(?, a.node_id)",
+            (task_id, attempt, epoch, node_id),
+        ).fetchone()
+        if row is None:
+            return None
+        ended_at, recorded_reason, recorded_exit, task_state = row
+        duplicate = ended_at is not None and (recorded_reason, recorded_exit) == (reason, exit_code)
+        if duplicate or killed:
+            return TaskState(task_state)
+        db.execute(
+            "UPDATE attempts SET late_result=? WHERE task_id=? AND attempt=?",
+            (f"{reason} (refused: superseded)", task_id, attempt),
+        )
+        return None
 
     def active_attempts(self, node_id: str) -> set[tuple[int, int, int]]:
         """``(task_id, attempt, epoch)`` of every attempt the node should be running."""

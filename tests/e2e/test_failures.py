@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -196,5 +198,47 @@ def test_drain_stops_new_work_and_hands_back_at_the_deadline(tmp_path: Path) -> 
             assert client.undrain(busy).state == "ready"
             again = wait_job(client, client.submit(JobSubmit(argv=["true"])).id)
             assert again.state == "succeeded"
+    finally:
+        kill_leftovers(marker)
+
+
+def _event_kinds(data_dir: Path) -> list[str]:
+    with contextlib.closing(
+        sqlite3.connect(f"file:{data_dir / 'mesh.db'}?mode=ro", uri=True)
+    ) as db:
+        return [row[0] for row in db.execute("SELECT kind FROM events ORDER BY seq")]
+
+
+def test_a_blip_that_closes_every_session_restarts_and_duplicates_nothing(
+    tmp_path: Path,
+) -> None:
+    marker = f"mesh-blip-{uuid.uuid4().hex}"
+    try:
+        with LocalMesh(tmp_path, agents=2, agent_cpus=1) as mesh, mesh.client() as client:
+            job = client.submit(JobSubmit(argv=_sleeper(5, marker), count=2))
+            wait_for(lambda: len(_running_on(client, job.id)) == 2, 30, "both tasks running")
+            wait_for(lambda: len(processes_with(marker)) >= 2, 10, "their processes")
+            pids = {p.pid for p in processes_with(marker)}
+            # Reset every TCP connection to the coordinator's port, as a flaky link would: the
+            # agents see their sessions die and reconnect within the grace.
+            port = mesh.url.rsplit(":", 1)[1]
+            subprocess.run(
+                ["ss", "-K", "dst", "127.0.0.1", "dport", "=", port],
+                check=True,
+                capture_output=True,
+            )
+            wait_for(
+                lambda: _event_kinds(tmp_path).count("node_suspect") >= 2,
+                10,
+                "the coordinator to see both sessions close",
+            )
+            wait_for(lambda: all(n.state == "ready" for n in client.nodes()), 10, "both back")
+            # The very same processes still run: kept, not restarted.
+            assert all(psutil.pid_exists(p) for p in pids)
+            final = wait_job(client, job.id)
+            _one_success_each(final)
+            for task in final.task_list or []:
+                assert task.attempts == 1
+        assert "node_lost" not in _event_kinds(tmp_path)
     finally:
         kill_leftovers(marker)

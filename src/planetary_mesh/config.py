@@ -76,7 +76,7 @@ class CoordinatorPaths:
 
 @dataclass(frozen=True)
 class AgentPaths:
-    """An agent's data directory: its key, its certificate, the pinned CA, task workdirs."""
+    """An agent's data directory: its key, its certificate, the pinned CA."""
 
     root: Path
 
@@ -95,10 +95,6 @@ class AgentPaths:
     @property
     def state(self) -> Path:
         return self.root / "agent.toml"
-
-    @property
-    def work(self) -> Path:
-        return self.root / "work"
 
 
 @dataclass(frozen=True)

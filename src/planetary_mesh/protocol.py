@@ -179,7 +179,7 @@ class Hello(Strict):
     name: str = Field(max_length=128)
     cpus: Finite = Field(gt=0)
     memory: int = Field(gt=0)
-    sandbox: str = Field(max_length=64)
+    sandbox: str = Field(max_length=256)  # what the node enforces, for `mesh nodes`
     version: str = Field(max_length=64)
     held: list[TaskRef] = Field(max_length=100_000)  # attempts running or with unacked results
 
@@ -199,7 +199,7 @@ class Log(Strict):
 class Ended(Strict):
     kind: Literal["ended"]
     task: TaskRef
-    end: Literal["exited", "signalled", "timeout", "cancelled", "sandbox_error"]
+    end: Literal["exited", "signalled", "timeout", "cancelled", "oom", "sandbox_error"]
     exit_code: int | None
     signal: int | None
     message: str = Field(max_length=4096)

@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from planetary_mesh.config import AgentPaths
 from planetary_mesh.errors import MeshError, TrustError
 from planetary_mesh.pki import tls
 from planetary_mesh.protocol import MAX_OUTPUT_BYTES, MAX_REQUEST_BYTES
+from planetary_mesh.sandbox.limits import Limits
 from planetary_mesh.sandbox.runner import EndReason, Runner, RunningTask, TaskLaunch, TaskOutcome
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ class JobInfo:
     outputs: tuple[str, ...]
     network: bool
     files: dict[str, bytes]
+    cpus: float
+    memory: int
 
 
 @dataclass
@@ -119,6 +123,10 @@ class Agent:
     ) -> None:
         self.url = coordinator.rstrip("/").replace("https://", "wss://", 1) + "/v1/agent/session"
         self.paths = paths
+        # Task work directories live outside the data dir (which holds the node's key and may
+        # sit in a private home): a folder the task user may pass through but not list.
+        self.work_root = Path(tempfile.mkdtemp(prefix="planetary-mesh-work-"))
+        self.work_root.chmod(0o711)
         self.runner = runner
         self.name = name
         self.cpus = cpus
@@ -163,6 +171,8 @@ class Agent:
         finally:
             watchdog.cancel()
             await self._kill_all("the agent is stopping")
+            self.runner.close()
+            shutil.rmtree(self.work_root, ignore_errors=True)
 
     async def _lease_watchdog(self) -> None:
         while True:
@@ -195,7 +205,7 @@ class Agent:
                         "name": self.name,
                         "cpus": self.cpus,
                         "memory": self.memory,
-                        "sandbox": self.runner.name,
+                        "sandbox": self.runner.describe(),
                         "version": __version__,
                         "held": [list(ref) for ref in held],
                     }
@@ -257,6 +267,8 @@ class Agent:
                     outputs=tuple(spec["outputs"]),
                     network=bool(spec["network"]),
                     files={n: base64.b64decode(d) for n, d in spec["files"].items()},
+                    cpus=float(spec["cpus"]),
+                    memory=int(spec["memory"]),
                 )
             for task_id, attempt, epoch, job_id, index in message["tasks"]:
                 ref = (task_id, attempt, epoch)
@@ -284,7 +296,7 @@ class Agent:
 
     async def _run_task(self, ref: TaskRef, job_id: str, index: int) -> None:
         job = self.jobs[job_id]
-        workdir = self.paths.work / job_id / f"{index}-{ref[1]}"
+        workdir = self.work_root / job_id / f"{index}-{ref[1]}"
         offset = 0
 
         def on_output(data: bytes) -> None:
@@ -293,7 +305,9 @@ class Agent:
             offset += len(data)
 
         try:
-            workdir.mkdir(parents=True, exist_ok=True)
+            # The task user may pass through (not list) the folder above its own directory.
+            workdir.parent.mkdir(mode=0o711, exist_ok=True)
+            workdir.mkdir(mode=0o700, exist_ok=True)
             for name, data in job.files.items():
                 (workdir / name).write_bytes(data)
             env = {
@@ -304,7 +318,12 @@ class Agent:
                 "MESH_ATTEMPT": str(ref[1]),
             }
             launch = TaskLaunch(
-                argv=job.argv, env=env, workdir=workdir, timeout=job.timeout, network=job.network
+                argv=job.argv,
+                env=env,
+                workdir=workdir,
+                timeout=job.timeout,
+                network=job.network,
+                limits=Limits(memory=job.memory, cpus=job.cpus),
             )
             running = await self.runner.start(launch, on_output)
             self.running[ref] = running

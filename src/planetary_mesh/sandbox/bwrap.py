@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 from planetary_mesh.errors import SandboxError
+from planetary_mesh.sandbox.limits import CgroupBackend, TaskCgroup, set_rlimits
 from planetary_mesh.sandbox.runner import (
     OUTPUT_GRACE_S,
     OutputSink,
@@ -39,6 +40,7 @@ from planetary_mesh.sandbox.runner import (
     TaskLaunch,
     TaskOutcome,
 )
+from planetary_mesh.sandbox.user import TaskUser
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +57,35 @@ class BwrapRunner:
     name = "bwrap"
     sandboxed = True
 
-    def __init__(self, executable: str | None = None) -> None:
+    def __init__(
+        self,
+        executable: str | None = None,
+        user: TaskUser | None = None,
+        cgroups: CgroupBackend | None = None,
+    ) -> None:
         found = executable or shutil.which("bwrap")
         if found is None:
             raise SandboxError("bubblewrap (bwrap) is not installed")
         self.executable = found
+        self.user = user
+        self.cgroups = cgroups
         self._has_lib64 = Path("/usr/lib64").is_dir()
+
+    def close(self) -> None:
+        if self.cgroups is not None:
+            self.cgroups.close()
+
+    def describe(self) -> str:
+        who = f"as {self.user.name}" if self.user else "as the agent's user"
+        if self.cgroups is None or not self.cgroups.controllers:
+            limits = "no cgroups"
+        else:
+            limits = f"{self.cgroups.name} ({', '.join(self.cgroups.controllers)})"
+        return f"bwrap {who}; {limits}; rlimits; private /tmp {TMP_BYTES // 2**20}M"
 
     def command(self, launch: TaskLaunch, status_fd: int | None = None) -> list[str]:
         """The bwrap command line that runs ``launch``."""
-        argv = [self.executable]
+        argv = [*(self.user.setpriv() if self.user else []), self.executable]
         if status_fd is not None:
             argv += ["--json-status-fd", str(status_fd)]
         argv += ["--unshare-all"]
@@ -87,6 +108,25 @@ class BwrapRunner:
     async def start(self, launch: TaskLaunch, on_output: OutputSink) -> RunningTask:
         launch.check_workdir()
         loop = asyncio.get_running_loop()
+        if self.user is not None:
+            _hand_over(launch.workdir, self.user)
+        group = None
+        if self.cgroups is not None and launch.limits is not None:
+            try:
+                group = self.cgroups.create(launch.limits)
+            except OSError as error:
+                raise SandboxError(f"cannot make the task's cgroup: {error}") from error
+        procs = [] if group is None else group.procs_files()
+
+        def enter_limits() -> None:
+            # In the child, before it execs: join the task's cgroup (so all it starts is
+            # counted there from the first instruction) and take the rlimits.
+            pid = str(os.getpid())
+            for path in procs:
+                with open(path, "w") as handle:
+                    handle.write(pid)
+            set_rlimits()
+
         status_read, status_write = os.pipe()
         try:
             # Spawned from the event loop's thread, which lives as long as the agent: bwrap's
@@ -99,9 +139,12 @@ class BwrapRunner:
                 stderr=subprocess.STDOUT,
                 pass_fds=(status_write,),
                 env={},  # bwrap needs none; the task's comes from --setenv
+                preexec_fn=enter_limits,
             )
-        except OSError as error:
+        except (OSError, subprocess.SubprocessError) as error:
             os.close(status_read)
+            if group is not None:
+                group.remove()
             raise SandboxError(f"cannot run bwrap ({self.executable}): {error}") from error
         finally:
             os.close(status_write)
@@ -123,10 +166,14 @@ class BwrapRunner:
             _close(bwrap_pidfd)
             transport.close()
             status_transport.close()
+            if group is not None:
+                group.remove()
             if isinstance(error, TimeoutError):
                 raise SandboxError(f"bwrap made no sandbox in {SETUP_TIMEOUT_S:g}s") from error
             raise
-        return _BwrapTask(launch, transport, pipes, status, status_transport, bwrap_pidfd, info)
+        return _BwrapTask(
+            launch, transport, pipes, status, status_transport, bwrap_pidfd, info, group
+        )
 
 
 class _BwrapTask(ProcessTask):
@@ -139,7 +186,10 @@ class _BwrapTask(ProcessTask):
         status_transport: asyncio.ReadTransport,
         bwrap_pidfd: int | None,
         info: dict[str, object],
+        group: TaskCgroup | None,
     ) -> None:
+        self._group = group
+        self._memory = launch.limits.memory if launch.limits else None
         self._status = status
         self._status_transport = status_transport
         self._bwrap_pidfd = bwrap_pidfd
@@ -167,6 +217,8 @@ class _BwrapTask(ProcessTask):
             await asyncio.wait_for(asyncio.shield(self._status.closed), OUTPUT_GRACE_S)
 
     def _outcome_of(self, returncode: int) -> TaskOutcome:
+        if self._group is not None and self._group.oom_killed():
+            return TaskOutcome.out_of_memory(self._memory)
         if returncode < 0:  # bwrap itself was killed, and not by us
             return TaskOutcome.signalled(-returncode)
         if self._status.exit_code is None:
@@ -177,6 +229,8 @@ class _BwrapTask(ProcessTask):
         return TaskOutcome.exited(returncode)
 
     def _release(self) -> None:
+        if self._group is not None:
+            self._group.remove()  # empty now: the whole tree is gone
         self._status_transport.close()
         _close(self._init_pidfd)
         _close(self._bwrap_pidfd)
@@ -217,6 +271,13 @@ class _StatusPipe(asyncio.Protocol):
             self.sandbox.set_result(None)
         if not self.closed.done():
             self.closed.set_result(None)
+
+
+def _hand_over(workdir: Path, user: TaskUser) -> None:
+    """Give the task user its work directory (and the inputs in it), and only it."""
+    for path in (workdir, *workdir.rglob("*")):
+        os.chown(path, user.uid, user.gid, follow_symlinks=False)
+    workdir.chmod(0o700)
 
 
 def _sandbox_init_pidfd(info: dict[str, object]) -> int | None:
@@ -271,10 +332,12 @@ async def _readable(fd: int) -> None:
         loop.remove_reader(fd)
 
 
-def bwrap_problem(executable: str) -> str | None:
-    """Why ``executable`` cannot make our sandbox on this machine, or None when it can."""
-    runner = BwrapRunner(executable)
+def bwrap_problem(executable: str, user: TaskUser | None = None) -> str | None:
+    """Why ``executable`` cannot make our sandbox on this machine (as ``user``), or None."""
+    runner = BwrapRunner(executable, user)
     with tempfile.TemporaryDirectory(prefix="pm-bwrap-probe-") as workdir:
+        if user is not None:
+            _hand_over(Path(workdir), user)
         launch = TaskLaunch(argv=("true",), env={}, workdir=Path(workdir), timeout=None)
         try:
             done = subprocess.run(

@@ -47,6 +47,12 @@ class PlainRunner:
     name = "none"
     sandboxed = False
 
+    def describe(self) -> str:
+        return "none (UNSANDBOXED: --no-sandbox)"
+
+    def close(self) -> None:
+        pass
+
     async def start(self, launch: TaskLaunch, on_output: OutputSink) -> RunningTask:
         launch.check_workdir()
         workdir = str(launch.workdir.resolve())

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Protocol
 
 from planetary_mesh.errors import SandboxError
+from planetary_mesh.sandbox.limits import Limits
+from planetary_mesh.units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class EndReason(StrEnum):
     SIGNALLED = "signalled"  # a signal that did not come from us killed it
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
+    OOM = "oom"  # killed for going over its declared memory
     SANDBOX_ERROR = "sandbox_error"  # the command never ran
 
 
@@ -68,6 +71,7 @@ class TaskLaunch:
     workdir: Path  # a host directory, already created and holding the inputs; the task's cwd
     timeout: float | None  # wall-clock seconds from start
     network: bool = False
+    limits: Limits | None = None  # enforced where the runner can (cgroups, rlimits)
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -118,6 +122,11 @@ class TaskOutcome:
         return cls(EndReason.CANCELLED, None, None, f"cancelled: {why}")
 
     @classmethod
+    def out_of_memory(cls, limit: int | None) -> TaskOutcome:
+        over = f" (over its {format_size(limit)} limit)" if limit else ""
+        return cls(EndReason.OOM, None, None, f"killed: out of memory{over}")
+
+    @classmethod
     def could_not_start(cls, detail: str) -> TaskOutcome:
         return cls(EndReason.SANDBOX_ERROR, None, None, f"could not start: {detail}")
 
@@ -145,6 +154,14 @@ class Runner(Protocol):
     name: str  # "bwrap" or "none", as the agent reports it
     sandboxed: bool
 
+    def describe(self) -> str:
+        """What this runner enforces, in a line for `mesh nodes`."""
+        ...
+
+    def close(self) -> None:
+        """Release what the runner holds (its cgroup subtree) when the agent stops."""
+        ...
+
     async def start(self, launch: TaskLaunch, on_output: OutputSink) -> RunningTask:
         """Start the task; stdout and stderr come merged to ``on_output`` in chunks as read."""
         ...
@@ -154,17 +171,20 @@ def default_runner(allow_unsandboxed: bool) -> Runner:
     """bwrap when it is installed and works here; unsandboxed only when the operator asked."""
     # Imported here because both runners import this module.
     from planetary_mesh.sandbox.bwrap import BwrapRunner, bwrap_problem
+    from planetary_mesh.sandbox.limits import detect_cgroups
     from planetary_mesh.sandbox.plain import PlainRunner
+    from planetary_mesh.sandbox.user import task_user
 
     executable = shutil.which("bwrap")
     if executable is None:
         problem = "bubblewrap (bwrap) is not installed"
         remedy = "install it (apt-get install bubblewrap)"
     else:
-        problem = bwrap_problem(executable) or ""
+        user = task_user()
+        problem = bwrap_problem(executable, user) or ""
         remedy = "make bwrap work for this user (it needs user namespaces)"
         if not problem:
-            return BwrapRunner(executable)
+            return BwrapRunner(executable, user, detect_cgroups())
     if not allow_unsandboxed:
         raise SandboxError(
             f"{problem}, so tasks cannot be sandboxed: {remedy} or start the agent with"

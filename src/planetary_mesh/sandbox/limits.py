@@ -1,0 +1,247 @@
+"""Resource limits in layers: cgroups where the host allows (v1 or v2), rlimits always.
+
+A cgroup per task caps its memory (no swap: a task over its memory is OOM-killed and the end says
+so), its CPU (a CFS quota of its declared CPUs) and its number of processes (a fork bomb stops
+there). rlimits are the second layer, set in the spawned process before it execs: no core dumps,
+a bound on file size and open files, and a bound on processes per task user.
+
+Each backend works on a root path, so the tests can run it on a fake cgroup tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CFS_PERIOD_US = 100_000
+DEFAULT_PIDS = 1024  # processes and threads of one task
+FILE_SIZE_LIMIT = 4 * 1024**3  # one file a task writes
+OPEN_FILES_LIMIT = 4096
+USER_PROCESSES_LIMIT = 16384  # all tasks of the task user together
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory: int | None = None  # bytes
+    cpus: float | None = None
+    pids: int | None = DEFAULT_PIDS
+
+
+class TaskCgroup(Protocol):
+    def procs_files(self) -> list[Path]:
+        """Where the spawned process writes its pid to join the cgroup (before it execs)."""
+        ...
+
+    def oom_killed(self) -> bool: ...
+
+    def remove(self) -> None: ...
+
+
+class CgroupBackend(Protocol):
+    name: str  # "cgroup v1", "cgroup v2" or "none"
+    controllers: tuple[str, ...]
+
+    def create(self, limits: Limits) -> TaskCgroup | None: ...
+
+    def close(self) -> None: ...
+
+
+def set_rlimits() -> None:
+    """The rlimit layer; runs in the spawned child just before exec (async-signal-safe enough:
+    no locks, no allocation-heavy work)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (OPEN_FILES_LIMIT, OPEN_FILES_LIMIT))
+    resource.setrlimit(resource.RLIMIT_NPROC, (USER_PROCESSES_LIMIT, USER_PROCESSES_LIMIT))
+
+
+def _write(path: Path, value: str) -> None:
+    path.write_text(value)
+
+
+class _NoCgroups:
+    name = "none"
+    controllers: tuple[str, ...] = ()
+
+    def create(self, limits: Limits) -> TaskCgroup | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class _Group:
+    dirs: list[Path]
+    memory_dir: Path | None
+    v2: bool
+
+    def procs_files(self) -> list[Path]:
+        return [d / "cgroup.procs" for d in self.dirs]
+
+    def oom_killed(self) -> bool:
+        if self.memory_dir is None:
+            return False
+        name = "memory.events" if self.v2 else "memory.oom_control"
+        try:
+            text = (self.memory_dir / name).read_text()
+        except OSError:
+            return False
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill" and value.strip().isdigit():
+                return int(value) > 0
+        return False
+
+    def remove(self) -> None:
+        for d in self.dirs:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+class CgroupV1:
+    """One hierarchy per controller (memory, cpu, pids), each mounted under the root."""
+
+    name = "cgroup v1"
+
+    def __init__(self, root: Path, own: dict[str, str], tag: str) -> None:
+        self._bases: dict[str, Path] = {}
+        for controller in ("memory", "cpu", "pids"):
+            mount = root / controller
+            if controller not in own or not (mount / "cgroup.procs").exists():
+                continue
+            base = mount / own[controller].lstrip("/") / tag
+            try:
+                base.mkdir(exist_ok=True)
+            except OSError as error:
+                log.warning("no %s cgroup for tasks (%s); that limit is off", controller, error)
+                continue
+            self._bases[controller] = base
+        self.controllers = tuple(self._bases)
+        self._ids = itertools.count(1)
+
+    def create(self, limits: Limits) -> TaskCgroup | None:
+        if not self._bases:
+            return None
+        name = f"t{next(self._ids)}"
+        dirs: list[Path] = []
+        memory_dir = None
+        for controller, base in self._bases.items():
+            d = base / name
+            d.mkdir()
+            dirs.append(d)
+            if controller == "memory" and limits.memory is not None:
+                memory_dir = d
+                _write(d / "memory.limit_in_bytes", str(limits.memory))
+                swap = d / "memory.memsw.limit_in_bytes"
+                if swap.exists():  # no swap: over its memory a task is killed, not slowed
+                    _write(swap, str(limits.memory))
+            elif controller == "cpu" and limits.cpus is not None:
+                _write(d / "cpu.cfs_period_us", str(CFS_PERIOD_US))
+                _write(d / "cpu.cfs_quota_us", str(max(1000, int(limits.cpus * CFS_PERIOD_US))))
+            elif controller == "pids" and limits.pids is not None:
+                _write(d / "pids.max", str(limits.pids))
+        return _Group(dirs, memory_dir, v2=False)
+
+    def close(self) -> None:
+        for base in self._bases.values():
+            with contextlib.suppress(OSError):
+                base.rmdir()
+
+
+class CgroupV2:
+    """The unified hierarchy. Controllers can only be handed to children of a cgroup that holds
+    no processes, so the tasks get a subtree of their own beside the agent's cgroup; this needs
+    the agent's cgroup to be delegated to it (root, or systemd's Delegate=yes)."""
+
+    name = "cgroup v2"
+
+    def __init__(self, root: Path, own: str, tag: str) -> None:
+        self._base: Path | None = None
+        self.controllers: tuple[str, ...] = ()
+        parent = root / own.lstrip("/")
+        try:
+            wanted = {"memory", "cpu", "pids"} & set(
+                (parent / "cgroup.controllers").read_text().split()
+            )
+            enable = " ".join(f"+{c}" for c in sorted(wanted))
+            if parent != root:
+                # "No internal processes": the agent moves to a leaf of its own first.
+                leaf = parent / "agent"
+                leaf.mkdir(exist_ok=True)
+                (leaf / "cgroup.procs").write_text(str(os.getpid()))
+            (parent / "cgroup.subtree_control").write_text(enable)
+            base = parent / tag
+            base.mkdir(exist_ok=True)
+            (base / "cgroup.subtree_control").write_text(enable)
+        except OSError as error:
+            log.warning("no cgroup v2 subtree for tasks (%s); cgroup limits are off", error)
+            return
+        self._base = base
+        self.controllers = tuple(sorted(wanted))
+        self._ids = itertools.count(1)
+
+    def create(self, limits: Limits) -> TaskCgroup | None:
+        if self._base is None:
+            return None
+        d = self._base / f"t{next(self._ids)}"
+        d.mkdir()
+        if "memory" in self.controllers and limits.memory is not None:
+            _write(d / "memory.max", str(limits.memory))
+            with contextlib.suppress(OSError):  # absent without swap accounting
+                _write(d / "memory.swap.max", "0")
+        if "cpu" in self.controllers and limits.cpus is not None:
+            quota = max(1000, int(limits.cpus * CFS_PERIOD_US))
+            _write(d / "cpu.max", f"{quota} {CFS_PERIOD_US}")
+        if "pids" in self.controllers and limits.pids is not None:
+            _write(d / "pids.max", str(limits.pids))
+        memory_dir = d if "memory" in self.controllers and limits.memory is not None else None
+        return _Group([d], memory_dir, v2=True)
+
+    def close(self) -> None:
+        if self._base is not None:
+            with contextlib.suppress(OSError):
+                self._base.rmdir()
+
+
+def own_cgroups(proc_self_cgroup: str) -> tuple[dict[str, str], str | None]:
+    """This process's v1 paths by controller, and its v2 path, from /proc/self/cgroup."""
+    v1: dict[str, str] = {}
+    v2 = None
+    for line in proc_self_cgroup.splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            v2 = path
+        for controller in controllers.split(","):
+            if controller:
+                v1[controller] = path
+    return v1, v2
+
+
+def detect_cgroups(root: Path = CGROUP_ROOT) -> CgroupBackend:
+    """The cgroup backend this host allows: v2 if unified with controllers, else v1, else none."""
+    if os.geteuid() != 0 and root == CGROUP_ROOT:
+        return _NoCgroups()  # creating cgroups needs root (or a delegated subtree)
+    try:
+        v1, v2 = own_cgroups(Path("/proc/self/cgroup").read_text())
+    except OSError:
+        return _NoCgroups()
+    tag = f"planetary-mesh-{os.getpid()}"
+    if v2 is not None and (root / "cgroup.controllers").exists():
+        backend: CgroupBackend = CgroupV2(root, v2, tag)
+        if backend.controllers:
+            return backend
+    if any(c in v1 for c in ("memory", "cpu", "pids")):
+        v1_backend = CgroupV1(root, v1, tag)
+        if v1_backend.controllers:
+            return v1_backend
+    return _NoCgroups()

@@ -1,0 +1,72 @@
+"""The unprivileged account tasks run as when the agent runs as root.
+
+A root agent drops to it with ``setpriv`` before ``bwrap``, so a task is an ordinary user even
+where a sandbox escape would leave it: it cannot read the agent's keys (mode 0600, root's) or
+anything else root keeps to itself.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from planetary_mesh.errors import SandboxError
+
+TASK_USER = "mesh-task"
+
+
+@dataclass(frozen=True)
+class TaskUser:
+    name: str
+    uid: int
+    gid: int
+
+    def setpriv(self) -> list[str]:
+        """The command prefix that becomes this user with no capabilities and no way back."""
+        executable = shutil.which("setpriv") or "/usr/bin/setpriv"
+        return [
+            executable,
+            f"--reuid={self.uid}",
+            f"--regid={self.gid}",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+        ]
+
+
+def task_user(name: str = TASK_USER) -> TaskUser | None:
+    """The account tasks run as: ``name`` (made if missing) for a root agent; None when the agent
+    is itself unprivileged, and its tasks run as its own user."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        done = subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                name,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise SandboxError(
+                f"cannot create the task user {name!r} ({done.stderr.strip()}): create it "
+                f"yourself (useradd --system {name})"
+            ) from None
+        entry = pwd.getpwnam(name)
+    if entry.pw_uid == 0:
+        raise SandboxError(f"the task user {name!r} is root: give tasks an unprivileged account")
+    return TaskUser(name, entry.pw_uid, entry.pw_gid)

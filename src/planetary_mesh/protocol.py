@@ -199,7 +199,9 @@ class Log(Strict):
 class Ended(Strict):
     kind: Literal["ended"]
     task: TaskRef
-    end: Literal["exited", "signalled", "timeout", "cancelled", "oom", "sandbox_error"]
+    end: Literal[
+        "exited", "signalled", "timeout", "cancelled", "oom", "disk_quota", "sandbox_error"
+    ]
     exit_code: int | None
     signal: int | None
     message: str = Field(max_length=4096)

@@ -31,6 +31,7 @@ class LocalMesh:
         agent_memory: str | None = None,
         log_dir: Path | None = None,
         coordinator_args: tuple[str, ...] = (),
+        agent_args: tuple[str, ...] = (),
     ) -> None:
         self.data_dir = data_dir
         self.paths = CoordinatorPaths(data_dir)
@@ -41,6 +42,7 @@ class LocalMesh:
         self.agent_memory = agent_memory
         self.log_dir = log_dir or data_dir / "logs"
         self.coordinator_args = coordinator_args
+        self.agent_args = agent_args
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.exit_codes: dict[str, int | None] = {}  # of the processes the last stop() ended
         self.agents: list[subprocess.Popen[bytes]] = []
@@ -118,6 +120,7 @@ class LocalMesh:
             args += ["--cpus", str(self.agent_cpus)]
         if self.agent_memory is not None:
             args += ["--memory", self.agent_memory]
+        args += self.agent_args
         return self._spawn(f"agent-{i + 1}", args)
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:

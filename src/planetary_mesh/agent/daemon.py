@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 TaskRef = tuple[int, int, int]  # (task_id, attempt, epoch)
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 5.0
+DEFAULT_TASK_DISK = 4 * 1024**3  # what one task's work directory may take on the host's disk
 
 
 @dataclass
@@ -120,9 +121,11 @@ class Agent:
         name: str,
         cpus: float,
         memory: int,
+        task_disk: int = DEFAULT_TASK_DISK,
     ) -> None:
         self.url = coordinator.rstrip("/").replace("https://", "wss://", 1) + "/v1/agent/session"
         self.paths = paths
+        self.task_disk = task_disk
         # Task work directories live outside the data dir (which holds the node's key and may
         # sit in a private home): a folder the task user may pass through but not list.
         self.work_root = Path(tempfile.mkdtemp(prefix="planetary-mesh-work-"))
@@ -323,7 +326,7 @@ class Agent:
                 workdir=workdir,
                 timeout=job.timeout,
                 network=job.network,
-                limits=Limits(memory=job.memory, cpus=job.cpus),
+                limits=Limits(memory=job.memory, cpus=job.cpus, disk=self.task_disk),
             )
             running = await self.runner.start(launch, on_output)
             self.running[ref] = running

@@ -145,6 +145,9 @@ def agent(
     no_sandbox: Annotated[
         bool, typer.Option("--no-sandbox", help="Run tasks unsandboxed if bwrap is missing.")
     ] = False,
+    task_disk: Annotated[
+        str, typer.Option("--task-disk", help="Disk one task's work directory may use.")
+    ] = "4G",
 ) -> None:
     """Join a mesh (first start, with a token) and run the tasks it assigns."""
     import socket
@@ -155,6 +158,7 @@ def agent(
     from planetary_mesh.sandbox.runner import default_runner
 
     _daemon_logging()
+    disk = parse_size(task_disk)
     paths = AgentPaths(data_dir or default_data_dir("agent"))
     node_name = name or socket.gethostname()
     runner = default_runner(allow_unsandboxed=no_sandbox)
@@ -179,6 +183,7 @@ def agent(
         name=node_name,
         cpus=offered_cpus,
         memory=parse_size(memory) if memory else probe.detect_memory(),
+        task_disk=disk,
     )
     asyncio.run(daemon.run())
 

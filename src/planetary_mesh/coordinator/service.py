@@ -48,7 +48,14 @@ log = logging.getLogger(__name__)
 # How many queued tasks one scheduling round looks at; the round repeats while it fills up.
 SCHEDULE_BATCH = 4096
 # Ends that are the task's own doing count against its retries; the rest requeue it for free.
-_COUNTS_AGAINST_RETRIES = {"exited", "signalled", "timeout", "oom", "sandbox_error"}
+_COUNTS_AGAINST_RETRIES = {
+    "exited",
+    "signalled",
+    "timeout",
+    "oom",
+    "disk_quota",
+    "sandbox_error",
+}
 
 
 class CoordinatorService:

@@ -34,6 +34,7 @@ class Limits:
     memory: int | None = None  # bytes
     cpus: float | None = None
     pids: int | None = DEFAULT_PIDS
+    disk: int | None = None  # bytes the work directory may take on the host's disk
 
 
 class TaskCgroup(Protocol):

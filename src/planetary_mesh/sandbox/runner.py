@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import re
 import shutil
 import signal
@@ -43,6 +44,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Once the process tree is gone its output pipe reaches EOF at once, unless something we could
 # not find (the unsandboxed runner's setsid + double-fork escape) holds it open: stop reading then.
 OUTPUT_GRACE_S = 0.5
+DISK_CHECK_INTERVAL_S = 1.0
 # How much output to keep for error messages: bwrap's own complaint is its last line.
 _TAIL_BYTES = 2048
 
@@ -55,6 +57,7 @@ class EndReason(StrEnum):
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
     OOM = "oom"  # killed for going over its declared memory
+    DISK_QUOTA = "disk_quota"  # killed for filling its work directory past the quota
     SANDBOX_ERROR = "sandbox_error"  # the command never ran
 
 
@@ -127,8 +130,38 @@ class TaskOutcome:
         return cls(EndReason.OOM, None, None, f"killed: out of memory{over}")
 
     @classmethod
+    def over_disk_quota(cls, quota: int) -> TaskOutcome:
+        return cls(
+            EndReason.DISK_QUOTA,
+            None,
+            None,
+            f"killed: its work directory grew past the {format_size(quota)} disk quota",
+        )
+
+    @classmethod
     def could_not_start(cls, detail: str) -> TaskOutcome:
         return cls(EndReason.SANDBOX_ERROR, None, None, f"could not start: {detail}")
+
+
+def disk_usage(root: Path) -> int:
+    """Bytes of disk the files under ``root`` take (allocated blocks; links not followed)."""
+    total = 0
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            total += info.st_blocks * 512
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(Path(entry.path))
+    return total
 
 
 def signal_name(signum: int) -> str:
@@ -256,6 +289,21 @@ class ProcessTask:
             else loop.call_later(timeout, self._end, TaskOutcome.timed_out(timeout))
         )
         self._outcome = loop.create_task(self._supervise())
+        quota = launch.limits.disk if launch.limits else None
+        self._disk_watch = (
+            None if quota is None else loop.create_task(self._watch_disk(launch.workdir, quota))
+        )
+
+    async def _watch_disk(self, workdir: Path, quota: int) -> None:
+        """The work directory sits on the host's disk: kill the task once it outgrows its
+        quota. Checked every second, so the overshoot is bounded by a second of writing (and
+        any one file by RLIMIT_FSIZE)."""
+        while True:
+            await asyncio.sleep(DISK_CHECK_INTERVAL_S)
+            used = await asyncio.to_thread(disk_usage, workdir)
+            if used > quota:
+                self._end(TaskOutcome.over_disk_quota(quota))
+                return
 
     async def wait(self) -> TaskOutcome:
         # Shielded: a caller that stops waiting must not stop the supervision of the tree.
@@ -288,6 +336,8 @@ class ProcessTask:
             self._kill_tree()  # the loop is shutting down: leave nothing running behind
             raise
         finally:
+            if self._disk_watch is not None:
+                self._disk_watch.cancel()
             self._transport.close()  # after this no more output is delivered
             self._release()
 

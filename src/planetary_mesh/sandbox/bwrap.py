@@ -27,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from planetary_mesh.errors import SandboxError
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 TMP_BYTES = 256 * 1024 * 1024  # size of the task's private /tmp (a tmpfs)
 SETUP_TIMEOUT_S = 10.0  # bwrap makes a sandbox in milliseconds; this long means it is stuck
 TREE_GONE_TIMEOUT_S = 30.0  # a process stuck in the kernel (D state) can hold a namespace up
+ABANDON_TIMEOUT_S = 2.0  # for a task killed during its set-up to leave its cgroup
 _SIGNAL_BASE = 128  # bwrap, like a shell, exits 128 + N for a command killed by signal N
 _MAX_SIGNAL = 64
 
@@ -128,32 +130,33 @@ class BwrapRunner:
             set_rlimits()
 
         status_read, status_write = os.pipe()
+        transport: asyncio.SubprocessTransport | None = None
+        status_transport: asyncio.ReadTransport | None = None
+        bwrap_pidfd: int | None = None
         try:
-            # Spawned from the event loop's thread, which lives as long as the agent: bwrap's
-            # --die-with-parent fires when the *thread* that forked it ends.
-            transport, pipes = await loop.subprocess_exec(
-                functools.partial(ProcessPipes, on_output),
-                *self.command(launch, status_write),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                pass_fds=(status_write,),
-                env={},  # bwrap needs none; the task's comes from --setenv
-                preexec_fn=enter_limits,
+            try:
+                # Spawned from the event loop's thread, which lives as long as the agent:
+                # bwrap's --die-with-parent fires when the *thread* that forked it ends.
+                transport, pipes = await loop.subprocess_exec(
+                    functools.partial(ProcessPipes, on_output),
+                    *self.command(launch, status_write),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=(status_write,),
+                    env={},  # bwrap needs none; the task's comes from --setenv
+                    preexec_fn=enter_limits,
+                )
+            except (OSError, subprocess.SubprocessError) as error:
+                raise SandboxError(f"cannot run bwrap ({self.executable}): {error}") from error
+            finally:
+                os.close(status_write)
+            bwrap_pidfd = _pidfd_open(transport.get_pid())
+            status_transport, status = await loop.connect_read_pipe(
+                _StatusPipe,
+                open(status_read, "rb", buffering=0),  # noqa: SIM115 - the transport closes it
             )
-        except (OSError, subprocess.SubprocessError) as error:
-            os.close(status_read)
-            if group is not None:
-                group.remove()
-            raise SandboxError(f"cannot run bwrap ({self.executable}): {error}") from error
-        finally:
-            os.close(status_write)
-        bwrap_pidfd = _pidfd_open(transport.get_pid())
-        status_transport, status = await loop.connect_read_pipe(
-            _StatusPipe,
-            open(status_read, "rb", buffering=0),  # noqa: SIM115 - the transport closes it
-        )
-        try:
+            status_read = -1  # the transport owns it now
             info = await asyncio.wait_for(asyncio.shield(status.sandbox), SETUP_TIMEOUT_S)
             if info is None:
                 # bwrap gave up before it made the sandbox; its reason is all the output there is.
@@ -162,12 +165,17 @@ class BwrapRunner:
                 reason = pipes.last_line() or "bwrap exited before it made the sandbox"
                 raise SandboxError(reason)
         except BaseException as error:
+            # Failed or cancelled part way (the agent stopping while a task starts): nothing of
+            # the task may go on, unwatched or stuck in bwrap's set-up, nor hold its cgroup.
             _kill(bwrap_pidfd)
             _close(bwrap_pidfd)
-            transport.close()
-            status_transport.close()
+            if status_read >= 0:
+                os.close(status_read)
+            for closing in (transport, status_transport):
+                if closing is not None:
+                    closing.close()
             if group is not None:
-                group.remove()
+                _abandon(group)
             if isinstance(error, TimeoutError):
                 raise SandboxError(f"bwrap made no sandbox in {SETUP_TIMEOUT_S:g}s") from error
             raise
@@ -198,9 +206,11 @@ class _BwrapTask(ProcessTask):
 
     def _kill_tree(self) -> None:
         # Either kill alone takes the namespace down; both at once is quickest and does not lean
-        # on --die-with-parent alone.
+        # on --die-with-parent alone. The cgroup, where there is one, catches anything else.
         _kill(self._init_pidfd)
         _kill(self._bwrap_pidfd)
+        if self._group is not None:
+            self._group.kill()
 
     async def _wait_tree_gone(self) -> None:
         if self._init_pidfd is not None:
@@ -271,6 +281,17 @@ class _StatusPipe(asyncio.Protocol):
             self.sandbox.set_result(None)
         if not self.closed.done():
             self.closed.set_result(None)
+
+
+def _abandon(group: TaskCgroup) -> None:
+    """Kill all of a task that never got going, wait (briefly) for it to die, free its cgroup."""
+    deadline = time.monotonic() + ABANDON_TIMEOUT_S
+    while True:
+        group.kill()
+        if group.empty() or time.monotonic() > deadline:
+            break
+        time.sleep(0.005)  # dying processes leave the cgroup within milliseconds
+    group.remove()
 
 
 def _hand_over(workdir: Path, user: TaskUser) -> None:

@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import resource
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -43,6 +44,12 @@ class TaskCgroup(Protocol):
         ...
 
     def oom_killed(self) -> bool: ...
+
+    def kill(self) -> None:
+        """SIGKILL every process in the cgroup, whatever namespace or session it is in."""
+        ...
+
+    def empty(self) -> bool: ...
 
     def remove(self) -> None: ...
 
@@ -102,6 +109,31 @@ class _Group:
             if key == "oom_kill" and value.strip().isdigit():
                 return int(value) > 0
         return False
+
+    def _pids(self) -> set[int]:
+        pids: set[int] = set()
+        for path in self.procs_files():
+            with contextlib.suppress(OSError):
+                pids |= {int(p) for p in path.read_text().split()}
+        return pids
+
+    def kill(self) -> None:
+        if self.v2:
+            with contextlib.suppress(OSError):
+                (self.dirs[0] / "cgroup.kill").write_text("1")
+                return
+        # v1 has no cgroup.kill: kill what is listed until nothing is (a fork racing the kill
+        # shows up on the next read).
+        for _ in range(100):
+            pids = self._pids()
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def empty(self) -> bool:
+        return not self._pids()
 
     def remove(self) -> None:
         for d in self.dirs:
@@ -174,6 +206,8 @@ class CgroupV2:
             wanted = {"memory", "cpu", "pids"} & set(
                 (parent / "cgroup.controllers").read_text().split()
             )
+            if not wanted:
+                return  # nothing to delegate: leave the agent's cgroup as it is
             enable = " ".join(f"+{c}" for c in sorted(wanted))
             if parent != root:
                 # "No internal processes": the agent moves to a leaf of its own first.
@@ -241,6 +275,7 @@ def detect_cgroups(root: Path = CGROUP_ROOT) -> CgroupBackend:
         backend: CgroupBackend = CgroupV2(root, v2, tag)
         if backend.controllers:
             return backend
+        backend.close()
     if any(c in v1 for c in ("memory", "cpu", "pids")):
         v1_backend = CgroupV1(root, v1, tag)
         if v1_backend.controllers:

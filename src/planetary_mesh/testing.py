@@ -17,6 +17,7 @@ from planetary_mesh.client import Client
 from planetary_mesh.config import CoordinatorPaths, load_client_config
 from planetary_mesh.coordinator.bootstrap import init_mesh
 from planetary_mesh.errors import MeshError
+from planetary_mesh.sandbox.limits import reap_stale_task_cgroups
 
 START_TIMEOUT = 30.0
 
@@ -159,10 +160,11 @@ class LocalMesh:
         return Client(load_client_config(self.client_config))
 
     def kill_agent(self, i: int) -> None:
-        """kill -9 agent ``i`` (its sandboxed tasks die with it)."""
+        """kill -9 agent ``i``; whatever of its tasks outlived it is swept up too."""
         proc = self.agents[i]
         proc.kill()
         proc.wait()
+        reap_stale_task_cgroups(proc.pid)
 
     def restart_agent(self, i: int) -> None:
         """Start agent ``i`` again from its data dir: it rejoins with its stored certificate."""
@@ -188,6 +190,8 @@ class LocalMesh:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for proc in self.agents:
+            reap_stale_task_cgroups(proc.pid)
         self.exit_codes = {
             name: proc.returncode
             for name, proc in [("coordinator", self.coordinator)]

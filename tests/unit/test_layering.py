@@ -115,6 +115,8 @@ ALLOWED: dict[str, frozenset[str]] = {
             "planetary_mesh.coordinator.bootstrap",
             "planetary_mesh.agent",
             "planetary_mesh.sandbox.runner",
+            # Sweeps what a killed agent left in its task cgroups.
+            "planetary_mesh.sandbox.limits",
         }
     ),
     "__main__": frozenset({"planetary_mesh.cli"}),

@@ -281,3 +281,44 @@ def detect_cgroups(root: Path = CGROUP_ROOT) -> CgroupBackend:
         if v1_backend.controllers:
             return v1_backend
     return _NoCgroups()
+
+
+def reap_stale_task_cgroups(agent_pid: int | None = None, root: Path = CGROUP_ROOT) -> int:
+    """Kill what is left in the task cgroups of agents that are gone, and free those cgroups.
+
+    An agent killed outright cannot clean up after itself, and bwrap killed during its set-up can
+    leave the sandbox's init waiting for ever: both stay in the dead agent's task cgroups. A new
+    agent sweeps them at start (``agent_pid`` None: every dead agent's), and a test harness that
+    killed an agent sweeps that one's. Returns how many processes were killed.
+    """
+    if os.geteuid() != 0:
+        return 0
+    try:
+        v1, v2 = own_cgroups(Path("/proc/self/cgroup").read_text())
+    except OSError:
+        return 0
+    parents = [(root / c / v1[c].lstrip("/"), False) for c in ("memory", "cpu", "pids") if c in v1]
+    if v2 is not None:
+        parents.append((root / v2.lstrip("/"), True))
+    killed = 0
+    for parent, is_v2 in parents:
+        for base in parent.glob("planetary-mesh-*"):
+            owner = base.name.removeprefix("planetary-mesh-")
+            if not owner.isdigit() or not base.is_dir():
+                continue
+            if agent_pid is not None and int(owner) != agent_pid:
+                continue
+            if agent_pid is None and Path(f"/proc/{owner}").exists():
+                continue  # that agent still runs: its tasks are its own business
+            for task_dir in [d for d in base.iterdir() if d.is_dir()]:
+                group = _Group([task_dir], None, v2=is_v2)
+                for _ in range(100):
+                    pids = group._pids()
+                    if not pids:
+                        break
+                    killed += len(pids)
+                    group.kill()
+                group.remove()
+            with contextlib.suppress(OSError):
+                base.rmdir()
+    return killed

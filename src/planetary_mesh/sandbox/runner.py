@@ -204,7 +204,7 @@ def default_runner(allow_unsandboxed: bool) -> Runner:
     """bwrap when it is installed and works here; unsandboxed only when the operator asked."""
     # Imported here because both runners import this module.
     from planetary_mesh.sandbox.bwrap import BwrapRunner, bwrap_problem
-    from planetary_mesh.sandbox.limits import detect_cgroups
+    from planetary_mesh.sandbox.limits import detect_cgroups, reap_stale_task_cgroups
     from planetary_mesh.sandbox.plain import PlainRunner
     from planetary_mesh.sandbox.user import task_user
 
@@ -217,6 +217,9 @@ def default_runner(allow_unsandboxed: bool) -> Runner:
         problem = bwrap_problem(executable, user) or ""
         remedy = "make bwrap work for this user (it needs user namespaces)"
         if not problem:
+            stale = reap_stale_task_cgroups()
+            if stale:
+                log.warning("killed %d processes left behind by agents that died", stale)
             return BwrapRunner(executable, user, detect_cgroups())
     if not allow_unsandboxed:
         raise SandboxError(

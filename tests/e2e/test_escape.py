@@ -523,20 +523,27 @@ time.sleep(120)
 def test_a_task_cannot_ptrace_its_init_to_outlive_a_kill9_of_its_agent(
     tmp_path: Path, marker: str
 ) -> None:
-    """A kill -9 of the agent takes its sandboxes down (bwrap --die-with-parent, DESIGN.md §5
-    "Kill"), so a lost node leaves no copy of its work running. bwrap's init runs as the task
-    user, dumpable, in the task's namespace: a task that may ptrace it can undo that."""
+    """A kill -9 of the agent takes its sandboxes down (DESIGN.md §5 "Kill"), so a lost node
+    leaves no copy of its work running. bwrap's init runs as the task user, dumpable, in the
+    task's namespace: a task may ptrace it and switch off its die-with-parent signal (that stays
+    inside the task's own sandbox). The agent's root watchdog, outside every sandbox, kills the
+    task's cgroup when the agent dies, so the task goes down all the same."""
     with LocalMesh(tmp_path, agents=1, agent_cpus=1) as own, own.client() as client:
         job_id = _submit(client, _probe(_INJECT, marker), timeout=120.0)
         wait_for(lambda: "ptrace init" in output_of(client, job_id, 0), 30, "the probe's report")
         results = json.loads(output_of(client, job_id, 0).strip().splitlines()[-1])
         wait_for(lambda: bool(processes_with(marker)), 10, "the task's processes")
-        own.kill_agent(0)
+        # kill -9 by hand: LocalMesh.kill_agent also sweeps the dead agent's cgroups, which a
+        # crashed agent on a real node does not do until an agent starts there again.
+        agent = own.agents[0]
+        agent.kill()
+        agent.wait()
         with contextlib.suppress(AssertionError):
-            wait_for(lambda: not processes_with(marker), 5, "the sandbox to die with its agent")
+            wait_for(lambda: not processes_with(marker), 2, "the sandbox to die with its agent")
         survivors = [p.pid for p in processes_with(marker)]
         assert not survivors, f"the task outlived its agent: {survivors}; the probe: {results}"
-        _assert_blocked(results, "ptrace init")
+        # The attack itself was really made (so the test shows the watchdog, not a dud probe).
+        assert "ptrace init" in results, results
 
 
 # -- resources ----------------------------------------------------------------------------------
@@ -643,7 +650,6 @@ def test_filling_tmp_stops_at_its_size_and_filling_the_work_dir_is_killed(
             textwrap.dedent(
                 """
                 import json
-import platform
                 written, error = 0, "none"
                 chunk = b"x" * 2**20
                 try:

@@ -73,7 +73,7 @@ def host(task_account: TaskUser) -> Iterator[Host]:
     try:
         if not CONTROLLERS.issubset(cgroups.controllers):
             pytest.fail(f"no cgroups with memory, cpu and pids here ({cgroups.name})")
-        tag = f"planetary-mesh-{os.getpid()}"
+        tag = cgroups.tag
         if cgroups.name == "cgroup v1":
             bases = [CGROUP_ROOT / c / v1[c].lstrip("/") / tag for c in cgroups.controllers]
         else:

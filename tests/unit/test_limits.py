@@ -516,9 +516,10 @@ def test_detect_prefers_v2_where_it_has_the_controllers(
     proc_self_cgroup("0::/x\n")
     backend = detect_cgroups(kernel.root)
     assert (backend.name, backend.controllers) == ("cgroup v2", ("cpu", "memory", "pids"))
-    assert (kernel.root / "x" / f"planetary-mesh-{os.getpid()}").is_dir()
+    assert backend.tag.startswith(f"planetary-mesh-{os.getpid()}.")
+    assert (kernel.root / "x" / backend.tag).is_dir()
     backend.close()
-    assert not (kernel.root / "x" / f"planetary-mesh-{os.getpid()}").exists()
+    assert not (kernel.root / "x" / backend.tag).exists()
 
 
 def test_detect_takes_v1_on_a_hybrid_host(
@@ -532,7 +533,8 @@ def test_detect_takes_v1_on_a_hybrid_host(
     proc_self_cgroup(HOST_V1)
     backend = detect_cgroups(kernel.root)
     assert (backend.name, backend.controllers) == ("cgroup v1", ("memory", "cpu", "pids"))
-    tag = f"planetary-mesh-{os.getpid()}"
+    tag = backend.tag
+    assert tag.startswith(f"planetary-mesh-{os.getpid()}.")
     assert (kernel.root / "memory" / "process_api" / "abc" / tag).is_dir()
     assert (kernel.root / "cpu" / tag).is_dir() and (kernel.root / "pids" / tag).is_dir()
     backend.close()

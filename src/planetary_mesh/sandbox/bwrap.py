@@ -32,6 +32,7 @@ from pathlib import Path
 
 from planetary_mesh.errors import SandboxError
 from planetary_mesh.sandbox.limits import CgroupBackend, TaskCgroup, set_rlimits
+from planetary_mesh.sandbox.reaper import start_reaper
 from planetary_mesh.sandbox.runner import (
     OUTPUT_GRACE_S,
     OutputSink,
@@ -46,6 +47,7 @@ from planetary_mesh.sandbox.user import TaskUser
 log = logging.getLogger(__name__)
 
 TMP_BYTES = 256 * 1024 * 1024  # size of the task's private /tmp (a tmpfs)
+SHM_BYTES = 64 * 1024 * 1024  # size of its /dev/shm (POSIX shared memory, semaphores)
 SETUP_TIMEOUT_S = 10.0  # bwrap makes a sandbox in milliseconds; this long means it is stuck
 TREE_GONE_TIMEOUT_S = 30.0  # a process stuck in the kernel (D state) can hold a namespace up
 ABANDON_TIMEOUT_S = 2.0  # for a task killed during its set-up to leave its cgroup
@@ -72,10 +74,17 @@ class BwrapRunner:
         self.user = user
         self.cgroups = cgroups
         self._has_lib64 = Path("/usr/lib64").is_dir()
+        # With task cgroups, a watchdog sweeps them should this process die without closing.
+        self._reaper_pipe = (
+            start_reaper(cgroups.tag) if cgroups is not None and cgroups.controllers else None
+        )
 
     def close(self) -> None:
         if self.cgroups is not None:
             self.cgroups.close()
+        if self._reaper_pipe is not None:
+            os.close(self._reaper_pipe)  # the watchdog sees EOF, finds nothing left, and exits
+            self._reaper_pipe = None
 
     def describe(self) -> str:
         who = f"as {self.user.name}" if self.user else "as the agent's user"
@@ -101,7 +110,11 @@ class BwrapRunner:
             argv += ["--symlink", "usr/lib64", "/lib64"]
         argv += ["--symlink", "usr/sbin", "/sbin", "--proc", "/proc", "--dev", "/dev"]
         argv += ["--size", str(TMP_BYTES), "--tmpfs", "/tmp"]
+        argv += ["--size", str(SHM_BYTES), "--tmpfs", "/dev/shm"]
         argv += ["--bind", str(launch.workdir.resolve()), "/work", "--chdir", "/work"]
+        # Only /work, /tmp and /dev/shm are writable (and sized): not the sandbox's own root
+        # or /dev, which are unsized in-memory file systems.
+        argv += ["--remount-ro", "/dev", "--remount-ro", "/"]
         argv += ["--clearenv"]
         for name, value in launch.environment("/work").items():
             argv += ["--setenv", name, value]

@@ -57,6 +57,7 @@ class TaskCgroup(Protocol):
 class CgroupBackend(Protocol):
     name: str  # "cgroup v1", "cgroup v2" or "none"
     controllers: tuple[str, ...]
+    tag: str  # the name of its folder in each hierarchy: planetary-mesh-<agent pid>.<n>
 
     def create(self, limits: Limits) -> TaskCgroup | None: ...
 
@@ -79,6 +80,7 @@ def _write(path: Path, value: str) -> None:
 class _NoCgroups:
     name = "none"
     controllers: tuple[str, ...] = ()
+    tag = ""
 
     def create(self, limits: Limits) -> TaskCgroup | None:
         return None
@@ -147,6 +149,7 @@ class CgroupV1:
     name = "cgroup v1"
 
     def __init__(self, root: Path, own: dict[str, str], tag: str) -> None:
+        self.tag = tag
         self._bases: dict[str, Path] = {}
         for controller in ("memory", "cpu", "pids"):
             mount = root / controller
@@ -199,6 +202,7 @@ class CgroupV2:
     name = "cgroup v2"
 
     def __init__(self, root: Path, own: str, tag: str) -> None:
+        self.tag = tag
         self._base: Path | None = None
         self.controllers: tuple[str, ...] = ()
         parent = root / own.lstrip("/")
@@ -262,6 +266,9 @@ def own_cgroups(proc_self_cgroup: str) -> tuple[dict[str, str], str | None]:
     return v1, v2
 
 
+_backend_ids = itertools.count(1)
+
+
 def detect_cgroups(root: Path = CGROUP_ROOT) -> CgroupBackend:
     """The cgroup backend this host allows: v2 if unified with controllers, else v1, else none."""
     if os.geteuid() != 0 and root == CGROUP_ROOT:
@@ -270,7 +277,8 @@ def detect_cgroups(root: Path = CGROUP_ROOT) -> CgroupBackend:
         v1, v2 = own_cgroups(Path("/proc/self/cgroup").read_text())
     except OSError:
         return _NoCgroups()
-    tag = f"planetary-mesh-{os.getpid()}"
+    # Unique per backend: a process may make several (tests do), each sweeping only its own.
+    tag = f"planetary-mesh-{os.getpid()}.{next(_backend_ids)}"
     if v2 is not None and (root / "cgroup.controllers").exists():
         backend: CgroupBackend = CgroupV2(root, v2, tag)
         if backend.controllers:
@@ -283,13 +291,16 @@ def detect_cgroups(root: Path = CGROUP_ROOT) -> CgroupBackend:
     return _NoCgroups()
 
 
-def reap_stale_task_cgroups(agent_pid: int | None = None, root: Path = CGROUP_ROOT) -> int:
+def reap_stale_task_cgroups(
+    agent_pid: int | None = None, root: Path = CGROUP_ROOT, tag: str | None = None
+) -> int:
     """Kill what is left in the task cgroups of agents that are gone, and free those cgroups.
 
     An agent killed outright cannot clean up after itself, and bwrap killed during its set-up can
     leave the sandbox's init waiting for ever: both stay in the dead agent's task cgroups. A new
-    agent sweeps them at start (``agent_pid`` None: every dead agent's), and a test harness that
-    killed an agent sweeps that one's. Returns how many processes were killed.
+    agent sweeps them at start (``agent_pid`` None: every dead agent's), a test harness that
+    killed an agent sweeps that one's, and an agent's watchdog sweeps exactly its ``tag``.
+    Returns how many processes were killed.
     """
     if os.geteuid() != 0:
         return 0
@@ -303,8 +314,10 @@ def reap_stale_task_cgroups(agent_pid: int | None = None, root: Path = CGROUP_RO
     killed = 0
     for parent, is_v2 in parents:
         for base in parent.glob("planetary-mesh-*"):
-            owner = base.name.removeprefix("planetary-mesh-")
+            owner = base.name.removeprefix("planetary-mesh-").split(".")[0]
             if not owner.isdigit() or not base.is_dir():
+                continue
+            if tag is not None and base.name != tag:
                 continue
             if agent_pid is not None and int(owner) != agent_pid:
                 continue

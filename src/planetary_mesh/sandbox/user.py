@@ -11,11 +11,13 @@ import os
 import pwd
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 
 from planetary_mesh.errors import SandboxError
 
 TASK_USER = "mesh-task"
+RETRIES = 20
 
 
 @dataclass(frozen=True)
@@ -38,14 +40,24 @@ class TaskUser:
         ]
 
 
+def _lookup(name: str) -> pwd.struct_passwd | None:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        return None
+
+
 def task_user(name: str = TASK_USER) -> TaskUser | None:
     """The account tasks run as: ``name`` (made if missing) for a root agent; None when the agent
     is itself unprivileged, and its tasks run as its own user."""
     if os.geteuid() != 0:
         return None
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
+    entry = _lookup(name)
+    # Several agents may start at once on a new machine: whoever loses the race to create the
+    # account (or to lock /etc/passwd) just finds it made, after a moment.
+    for _ in range(RETRIES):
+        if entry is not None:
+            break
         done = subprocess.run(
             [
                 "useradd",
@@ -61,12 +73,14 @@ def task_user(name: str = TASK_USER) -> TaskUser | None:
             text=True,
             check=False,
         )
-        if done.returncode != 0:
-            raise SandboxError(
-                f"cannot create the task user {name!r} ({done.stderr.strip()}): create it "
-                f"yourself (useradd --system {name})"
-            ) from None
-        entry = pwd.getpwnam(name)
+        entry = _lookup(name)
+        if entry is None:
+            time.sleep(0.1)
+    if entry is None:
+        raise SandboxError(
+            f"cannot create the task user {name!r} ({done.stderr.strip()}): create it "
+            f"yourself (useradd --system {name})"
+        )
     if entry.pw_uid == 0:
         raise SandboxError(f"the task user {name!r} is root: give tasks an unprivileged account")
     return TaskUser(name, entry.pw_uid, entry.pw_gid)

@@ -7,17 +7,21 @@ anything else root keeps to itself.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 
 from planetary_mesh.errors import SandboxError
 
 TASK_USER = "mesh-task"
-RETRIES = 20
+LOCK_FILE = (
+    "/run/lock/planetary-mesh-task-user.lock"
+    if os.path.isdir("/run/lock")
+    else ("/tmp/planetary-mesh-task-user.lock")
+)
 
 
 @dataclass(frozen=True)
@@ -52,35 +56,33 @@ def task_user(name: str = TASK_USER) -> TaskUser | None:
     is itself unprivileged, and its tasks run as its own user."""
     if os.geteuid() != 0:
         return None
-    entry = _lookup(name)
-    # Several agents may start at once on a new machine: whoever loses the race to create the
-    # account (or to lock /etc/passwd) just finds it made, after a moment.
-    for _ in range(RETRIES):
-        if entry is not None:
-            break
-        done = subprocess.run(
-            [
-                "useradd",
-                "--system",
-                "--no-create-home",
-                "--home-dir",
-                "/nonexistent",
-                "--shell",
-                "/usr/sbin/nologin",
-                name,
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+    # Several agents may start at once on a new machine, and useradd checks for the name
+    # before it locks /etc/passwd: two at once can both add it. One at a time, then.
+    with open(LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         entry = _lookup(name)
         if entry is None:
-            time.sleep(0.1)
-    if entry is None:
-        raise SandboxError(
-            f"cannot create the task user {name!r} ({done.stderr.strip()}): create it "
-            f"yourself (useradd --system {name})"
-        )
+            done = subprocess.run(
+                [
+                    "useradd",
+                    "--system",
+                    "--no-create-home",
+                    "--home-dir",
+                    "/nonexistent",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    name,
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            entry = _lookup(name)
+            if entry is None:
+                raise SandboxError(
+                    f"cannot create the task user {name!r} ({done.stderr.strip()}): create it "
+                    f"yourself (useradd --system {name})"
+                )
     if entry.pw_uid == 0:
         raise SandboxError(f"the task user {name!r} is root: give tasks an unprivileged account")
     return TaskUser(name, entry.pw_uid, entry.pw_gid)

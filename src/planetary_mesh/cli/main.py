@@ -212,7 +212,7 @@ def up(
     mesh.start()
     try:
         if data_dir is None:
-            _link_user_config(mesh)
+            _link_user_config(mesh.client_config)
         print(f"coordinator   {mesh.url}")
         print(f"agents        {agents} (data and logs under {root})")
         print(f"client config {mesh.client_config}")
@@ -227,12 +227,11 @@ def up(
         mesh.stop()
 
 
-def _link_user_config(mesh: object) -> None:
+def _link_user_config(client_config: Path) -> None:
+    """Point the user's own client config at the local mesh, so plain `mesh run` finds it."""
     from planetary_mesh.config import load_client_config, write_client_config
-    from planetary_mesh.testing import LocalMesh
 
-    assert isinstance(mesh, LocalMesh)
-    local = load_client_config(mesh.client_config)
+    local = load_client_config(client_config)
     write_client_config(user_config_path(), local.coordinator, local.ca, local.cert, local.key)
 
 

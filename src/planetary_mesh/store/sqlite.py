@@ -186,15 +186,19 @@ class SQLiteStore:
         with self._tx() as db:
             db.execute("UPDATE nodes SET state=? WHERE state=?", (to_state.value, from_state.value))
 
-    def nodes(self) -> list[Node]:
-        usage = {
-            row[0]: (row[1], row[2], row[3])
+    def _active_usage(self) -> dict[str, tuple[float, int, int]]:
+        """CPUs, memory and task count that active attempts hold, by node."""
+        return {
+            row[0]: (float(row[1]), int(row[2]), int(row[3]))
             for row in self._db.execute(
                 "SELECT t.node_id, SUM(j.cpus), SUM(j.memory), COUNT(*) FROM tasks t"
                 " JOIN jobs j ON j.seq = t.job_seq WHERE t.state IN (?, ?) GROUP BY t.node_id",
                 _ACTIVE,
             )
         }
+
+    def nodes(self) -> list[Node]:
+        usage = self._active_usage()
         result = []
         for row in self._db.execute(
             "SELECT id, name, state, cpus, memory, sandbox, version, joined_at, last_seen,"
@@ -208,9 +212,9 @@ class SQLiteStore:
                     state=NodeState(row[2]),
                     cpus=row[3],
                     memory=row[4],
-                    used_cpus=float(used_cpus),
-                    used_memory=int(used_memory),
-                    running=int(running),
+                    used_cpus=used_cpus,
+                    used_memory=used_memory,
+                    running=running,
                     sandbox=row[5],
                     version=row[6],
                     joined_at=row[7],
@@ -455,14 +459,7 @@ class SQLiteStore:
         return None if row[0] is None else float(row[0])
 
     def usage_by_node(self) -> dict[str, tuple[float, int]]:
-        return {
-            row[0]: (float(row[1]), int(row[2]))
-            for row in self._db.execute(
-                "SELECT t.node_id, SUM(j.cpus), SUM(j.memory) FROM tasks t"
-                " JOIN jobs j ON j.seq = t.job_seq WHERE t.state IN (?, ?) GROUP BY t.node_id",
-                _ACTIVE,
-            )
-        }
+        return {node: (cpus, memory) for node, (cpus, memory, _) in self._active_usage().items()}
 
     def assign(self, placements: list[Placement], now: float) -> list[tuple[str, Assignment]]:
         """Commit a plan: each task gets a new attempt and a fresh, globally unique epoch."""

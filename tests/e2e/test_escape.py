@@ -748,7 +748,7 @@ def test_an_input_file_cannot_plant_a_setuid_binary(mesh: LocalMesh, client: Cli
             "sh",
             "-c",
             "cp /usr/bin/id ./myid && chmod 4755 ./myid; ./myid -u; ls -ln myid | cut -d' ' -f1,3;"
-            " grep ' /work ' /proc/self/mountinfo | cut -d' ' -f6",
+            " grep \" $PWD \" /proc/self/mountinfo | cut -d' ' -f6",
         ],
         files={"note.txt": base64.b64encode(b"inputs land here\n").decode()},
     )

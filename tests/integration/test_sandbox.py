@@ -138,7 +138,7 @@ def test_task_sees_only_the_environment_it_was_given(
     runner: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PM_AGENT_SECRET", "hunter2")
-    home = "/work" if runner.sandboxed else str(tmp_path.resolve())
+    home = f"/work/{tmp_path.name}" if runner.sandboxed else str(tmp_path.resolve())
     _, output = run(runner, launch(["env"], tmp_path, env={"GREETING": "hi"}))
     assert set(output.decode().splitlines()) == {
         "GREETING=hi",

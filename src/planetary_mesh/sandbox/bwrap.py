@@ -20,18 +20,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from planetary_mesh.errors import SandboxError
-from planetary_mesh.sandbox.limits import CgroupBackend, TaskCgroup, set_rlimits
+from planetary_mesh.sandbox.bwrap_spawn import (
+    SETUP_TIMEOUT_S,
+    Spawned,
+    close_fd,
+    hand_over,
+    kill,
+    readable,
+    sandbox_init_pidfd,
+    spawn_bwrap,
+)
+from planetary_mesh.sandbox.limits import CgroupBackend, TaskCgroup
 from planetary_mesh.sandbox.reaper import start_reaper
 from planetary_mesh.sandbox.runner import (
     OUTPUT_GRACE_S,
@@ -43,20 +50,25 @@ from planetary_mesh.sandbox.runner import (
     TaskOutcome,
 )
 from planetary_mesh.sandbox.user import TaskUser
+from planetary_mesh.sandbox.warm import (
+    LAUNCHER,
+    LAUNCHER_INSIDE,
+    WARM_IDLE_S,
+    WarmPool,
+    launcher_python,
+)
 
 log = logging.getLogger(__name__)
 
 TMP_BYTES = 256 * 1024 * 1024  # size of the task's private /tmp (a tmpfs)
 SHM_BYTES = 64 * 1024 * 1024  # size of its /dev/shm (POSIX shared memory, semaphores)
-SETUP_TIMEOUT_S = 10.0  # bwrap makes a sandbox in milliseconds; this long means it is stuck
 TREE_GONE_TIMEOUT_S = 30.0  # a process stuck in the kernel (D state) can hold a namespace up
-ABANDON_TIMEOUT_S = 2.0  # for a task killed during its set-up to leave its cgroup
 _SIGNAL_BASE = 128  # bwrap, like a shell, exits 128 + N for a command killed by signal N
 _MAX_SIGNAL = 64
 
 
 class BwrapRunner:
-    """Runs each task in a fresh bubblewrap sandbox."""
+    """Runs each task in a bubblewrap sandbox: a fresh one, or its job's warm one (warm.py)."""
 
     name = "bwrap"
     sandboxed = True
@@ -66,6 +78,8 @@ class BwrapRunner:
         executable: str | None = None,
         user: TaskUser | None = None,
         cgroups: CgroupBackend | None = None,
+        warm: bool = True,
+        warm_idle_s: float = WARM_IDLE_S,
     ) -> None:
         found = executable or shutil.which("bwrap")
         if found is None:
@@ -78,8 +92,17 @@ class BwrapRunner:
         self._reaper_pipe = (
             start_reaper(cgroups.tag) if cgroups is not None and cgroups.controllers else None
         )
+        # Warm sandboxes rely on task cgroups to kill a task whole, and run a Python launcher.
+        python = launcher_python() if warm and self._reaper_pipe is not None else None
+        self.warm = (
+            None
+            if python is None or cgroups is None
+            else WarmPool(python, self.warm_command, cgroups, self.executable, warm_idle_s)
+        )
 
     def close(self) -> None:
+        if self.warm is not None:
+            self.warm.close()
         if self.cgroups is not None:
             self.cgroups.close()
         if self._reaper_pipe is not None:
@@ -92,15 +115,19 @@ class BwrapRunner:
             limits = "no cgroups"
         else:
             limits = f"{self.cgroups.name} ({', '.join(self.cgroups.controllers)})"
-        return f"bwrap {who}; {limits}; rlimits; private /tmp {TMP_BYTES // 2**20}M"
+        reuse = "warm sandbox per job" if self.warm else "fresh sandbox per task"
+        return f"bwrap {who}; {limits}; rlimits; private /tmp {TMP_BYTES // 2**20}M; {reuse}"
 
-    def command(self, launch: TaskLaunch, status_fd: int | None = None) -> list[str]:
-        """The bwrap command line that runs ``launch``."""
+    def _bwrap(self, status_fd: int | None) -> list[str]:
         argv = [*(self.user.setpriv() if self.user else []), self.executable]
         if status_fd is not None:
             argv += ["--json-status-fd", str(status_fd)]
-        argv += ["--unshare-all"]
-        if launch.network:
+        return argv
+
+    def _namespaces(self, network: bool) -> list[str]:
+        """What every sandbox is made of, before its work directory and command."""
+        argv = ["--unshare-all"]
+        if network:
             argv += ["--share-net"]
         # As root, bwrap without a user namespace and --cap-drop would let the task remount /usr.
         argv += ["--unshare-user", "--disable-userns", "--die-with-parent", "--new-session"]
@@ -111,124 +138,78 @@ class BwrapRunner:
         argv += ["--symlink", "usr/sbin", "/sbin", "--proc", "/proc", "--dev", "/dev"]
         argv += ["--size", str(TMP_BYTES), "--tmpfs", "/tmp"]
         argv += ["--size", str(SHM_BYTES), "--tmpfs", "/dev/shm"]
-        argv += ["--bind", str(launch.workdir.resolve()), "/work", "--chdir", "/work"]
-        # Only /work, /tmp and /dev/shm are writable (and sized): not the sandbox's own root
-        # or /dev, which are unsized in-memory file systems.
-        argv += ["--remount-ro", "/dev", "--remount-ro", "/"]
-        argv += ["--clearenv"]
-        for name, value in launch.environment("/work").items():
+        return argv
+
+    # Only the work directories, /tmp and /dev/shm are writable (and sized): not the sandbox's
+    # own root or /dev, which are unsized in-memory file systems.
+    _READ_ONLY = ("--remount-ro", "/dev", "--remount-ro", "/")
+
+    def command(self, launch: TaskLaunch, status_fd: int | None = None) -> list[str]:
+        """The bwrap command line that runs ``launch`` in a fresh sandbox of its own."""
+        inside = launch.sandbox_workdir
+        argv = [*self._bwrap(status_fd), *self._namespaces(launch.network)]
+        argv += ["--bind", str(launch.workdir.resolve()), inside, "--chdir", inside]
+        argv += [*self._READ_ONLY, "--clearenv"]
+        for name, value in launch.environment(inside).items():
             argv += ["--setenv", name, value]
         return [*argv, "--", *launch.argv]
 
+    def warm_command(
+        self, jobdir: Path, network: bool, python: str, control_fd: int, status_fd: int
+    ) -> list[str]:
+        """The bwrap command line of a warm sandbox: its launcher as PID 1, and the folder that
+        holds its tasks' work directories at /work."""
+        argv = [*self._bwrap(status_fd), *self._namespaces(network), "--as-pid-1"]
+        argv += ["--bind", str(jobdir.resolve()), "/work", "--chdir", "/work"]
+        argv += ["--ro-bind", str(LAUNCHER), LAUNCHER_INSIDE]
+        argv += [*self._READ_ONLY, "--clearenv", "--", python, "-I", "-S"]
+        return [*argv, LAUNCHER_INSIDE, str(control_fd)]
+
     async def start(self, launch: TaskLaunch, on_output: OutputSink) -> RunningTask:
         launch.check_workdir()
-        loop = asyncio.get_running_loop()
         if self.user is not None:
-            _hand_over(launch.workdir, self.user)
+            hand_over(launch.workdir, self.user)
+        if self.warm is not None and self.warm.enabled:
+            running = await self.warm.spawn(launch, on_output)
+            if running is not None:
+                return running
         group = None
         if self.cgroups is not None and launch.limits is not None:
             try:
                 group = self.cgroups.create(launch.limits)
             except OSError as error:
                 raise SandboxError(f"cannot make the task's cgroup: {error}") from error
-        procs = [] if group is None else group.procs_files()
-
-        def enter_limits() -> None:
-            # In the child, before it execs: join the task's cgroup (so all it starts is
-            # counted there from the first instruction) and take the rlimits.
-            pid = str(os.getpid())
-            for path in procs:
-                with open(path, "w") as handle:
-                    handle.write(pid)
-            set_rlimits()
-
-        status_read, status_write = os.pipe()
-        transport: asyncio.SubprocessTransport | None = None
-        status_transport: asyncio.ReadTransport | None = None
-        bwrap_pidfd: int | None = None
-        try:
-            try:
-                # Spawned from the event loop's thread, which lives as long as the agent:
-                # bwrap's --die-with-parent fires when the *thread* that forked it ends.
-                transport, pipes = await loop.subprocess_exec(
-                    functools.partial(ProcessPipes, on_output),
-                    *self.command(launch, status_write),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    pass_fds=(status_write,),
-                    env={},  # bwrap needs none; the task's comes from --setenv
-                    preexec_fn=enter_limits,
-                )
-            except (OSError, subprocess.SubprocessError) as error:
-                raise SandboxError(f"cannot run bwrap ({self.executable}): {error}") from error
-            finally:
-                os.close(status_write)
-            bwrap_pidfd = _pidfd_open(transport.get_pid())
-            status_transport, status = await loop.connect_read_pipe(
-                _StatusPipe,
-                open(status_read, "rb", buffering=0),  # noqa: SIM115 - the transport closes it
-            )
-            status_read = -1  # the transport owns it now
-            info = await asyncio.wait_for(asyncio.shield(status.sandbox), SETUP_TIMEOUT_S)
-            if info is None:
-                # bwrap gave up before it made the sandbox; its reason is all the output there is.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(pipes.output_closed, OUTPUT_GRACE_S)
-                reason = pipes.last_line() or "bwrap exited before it made the sandbox"
-                raise SandboxError(reason)
-        except BaseException as error:
-            # Failed or cancelled part way (the agent stopping while a task starts): nothing of
-            # the task may go on, unwatched or stuck in bwrap's set-up, nor hold its cgroup.
-            _kill(bwrap_pidfd)
-            _close(bwrap_pidfd)
-            if status_read >= 0:
-                os.close(status_read)
-            for closing in (transport, status_transport):
-                if closing is not None:
-                    closing.close()
-            if group is not None:
-                _abandon(group)
-            if isinstance(error, TimeoutError):
-                raise SandboxError(f"bwrap made no sandbox in {SETUP_TIMEOUT_S:g}s") from error
-            raise
-        return _BwrapTask(
-            launch, transport, pipes, status, status_transport, bwrap_pidfd, info, group
+        spawned = await spawn_bwrap(
+            lambda status_fd: self.command(launch, status_fd),
+            functools.partial(ProcessPipes, on_output),
+            group,
+            self.executable,
         )
+        return _BwrapTask(launch, spawned, group)
 
 
 class _BwrapTask(ProcessTask):
-    def __init__(
-        self,
-        launch: TaskLaunch,
-        transport: asyncio.SubprocessTransport,
-        pipes: ProcessPipes,
-        status: _StatusPipe,
-        status_transport: asyncio.ReadTransport,
-        bwrap_pidfd: int | None,
-        info: dict[str, object],
-        group: TaskCgroup | None,
-    ) -> None:
+    def __init__(self, launch: TaskLaunch, spawned: Spawned, group: TaskCgroup | None) -> None:
         self._group = group
         self._memory = launch.limits.memory if launch.limits else None
-        self._status = status
-        self._status_transport = status_transport
-        self._bwrap_pidfd = bwrap_pidfd
-        self._init_pidfd = _sandbox_init_pidfd(info)
-        super().__init__(launch, transport, pipes)
+        self._status = spawned.status
+        self._status_transport = spawned.status_transport
+        self._bwrap_pidfd = spawned.bwrap_pidfd
+        self._init_pidfd = sandbox_init_pidfd(spawned.info)
+        super().__init__(launch, spawned.transport, spawned.pipes)
 
     def _kill_tree(self) -> None:
         # Either kill alone takes the namespace down; both at once is quickest and does not lean
         # on --die-with-parent alone. The cgroup, where there is one, catches anything else.
-        _kill(self._init_pidfd)
-        _kill(self._bwrap_pidfd)
+        kill(self._init_pidfd)
+        kill(self._bwrap_pidfd)
         if self._group is not None:
             self._group.kill()
 
     async def _wait_tree_gone(self) -> None:
         if self._init_pidfd is not None:
             try:
-                await asyncio.wait_for(_readable(self._init_pidfd), TREE_GONE_TIMEOUT_S)
+                await asyncio.wait_for(readable(self._init_pidfd), TREE_GONE_TIMEOUT_S)
             except TimeoutError:
                 log.error(
                     "task %d: its sandbox is still not gone %gs after it was killed; giving up",
@@ -255,115 +236,9 @@ class _BwrapTask(ProcessTask):
         if self._group is not None:
             self._group.remove()  # empty now: the whole tree is gone
         self._status_transport.close()
-        _close(self._init_pidfd)
-        _close(self._bwrap_pidfd)
+        close_fd(self._init_pidfd)
+        close_fd(self._bwrap_pidfd)
         self._init_pidfd = self._bwrap_pidfd = None
-
-
-class _StatusPipe(asyncio.Protocol):
-    """Reads bwrap's ``--json-status-fd``: one JSON object a line, possibly in several reads.
-
-    The first line (with "child-pid") comes once the namespaces exist; the "exit-code" line only
-    if the command was exec'd. EOF comes when bwrap exits: the sandbox does not inherit the fd.
-    """
-
-    def __init__(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.sandbox: asyncio.Future[dict[str, object] | None] = loop.create_future()
-        self.closed: asyncio.Future[None] = loop.create_future()
-        self.exit_code: int | None = None
-        self._buffer = b""
-
-    def data_received(self, data: bytes) -> None:
-        *lines, self._buffer = (self._buffer + data).split(b"\n")
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                log.warning("bwrap wrote a status line that is not JSON: %r", line)
-                continue
-            if not isinstance(record, dict):
-                continue
-            if "child-pid" in record and not self.sandbox.done():
-                self.sandbox.set_result(record)
-            if isinstance(record.get("exit-code"), int):
-                self.exit_code = record["exit-code"]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.sandbox.done():
-            self.sandbox.set_result(None)
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-
-def _abandon(group: TaskCgroup) -> None:
-    """Kill all of a task that never got going, wait (briefly) for it to die, free its cgroup."""
-    deadline = time.monotonic() + ABANDON_TIMEOUT_S
-    while True:
-        group.kill()
-        if group.empty() or time.monotonic() > deadline:
-            break
-        time.sleep(0.005)  # dying processes leave the cgroup within milliseconds
-    group.remove()
-
-
-def _hand_over(workdir: Path, user: TaskUser) -> None:
-    """Give the task user its work directory (and the inputs in it), and only it."""
-    for path in (workdir, *workdir.rglob("*")):
-        os.chown(path, user.uid, user.gid, follow_symlinks=False)
-    workdir.chmod(0o700)
-
-
-def _sandbox_init_pidfd(info: dict[str, object]) -> int | None:
-    """A pidfd on the sandbox's init, or None if it is gone already (then so is its namespace)."""
-    pid = info.get("child-pid")
-    if not isinstance(pid, int):
-        return None
-    pidfd = _pidfd_open(pid)
-    if pidfd is None:
-        return None
-    # The pidfd pins the pid, so this check is free of races: is it still the process bwrap
-    # named, and not a newcomer that reused its pid after a very short task?
-    namespace = info.get("pid-namespace")
-    with contextlib.suppress(OSError):
-        if isinstance(namespace, int) and os.stat(f"/proc/{pid}/ns/pid").st_ino != namespace:
-            os.close(pidfd)
-            return None
-    return pidfd
-
-
-def _pidfd_open(pid: int) -> int | None:
-    try:
-        return os.pidfd_open(pid)
-    except ProcessLookupError:
-        return None
-
-
-def _kill(pidfd: int | None) -> None:
-    if pidfd is not None:
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-
-
-def _close(fd: int | None) -> None:
-    if fd is not None:
-        os.close(fd)
-
-
-async def _readable(fd: int) -> None:
-    """Wait until ``fd`` is readable: for a pidfd, until that process has exited."""
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def on_readable() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fd, on_readable)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
 
 
 def bwrap_problem(executable: str, user: TaskUser | None = None) -> str | None:
@@ -371,7 +246,7 @@ def bwrap_problem(executable: str, user: TaskUser | None = None) -> str | None:
     runner = BwrapRunner(executable, user)
     with tempfile.TemporaryDirectory(prefix="pm-bwrap-probe-") as workdir:
         if user is not None:
-            _hand_over(Path(workdir), user)
+            hand_over(Path(workdir), user)
         launch = TaskLaunch(argv=("true",), env={}, workdir=Path(workdir), timeout=None)
         try:
             done = subprocess.run(

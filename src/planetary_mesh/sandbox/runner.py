@@ -75,6 +75,10 @@ class TaskLaunch:
     timeout: float | None  # wall-clock seconds from start
     network: bool = False
     limits: Limits | None = None  # enforced where the runner can (cgroups, rlimits)
+    # Launches with the same key may share one warm sandbox: tasks of one job, so the same
+    # command owner, limits and network, each still in its own work directory. Their work
+    # directories must then share a parent, which the warm sandbox shows at /work.
+    share: str | None = None
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -95,6 +99,12 @@ class TaskLaunch:
     def environment(self, cwd: str) -> dict[str, str]:
         """The task's environment when its work directory appears at ``cwd``."""
         return {"PATH": DEFAULT_PATH, "HOME": cwd, **self.env, "PWD": cwd}
+
+    @property
+    def sandbox_workdir(self) -> str:
+        """Where a sandbox shows the work directory: /work/<its name>, in a fresh sandbox and in
+        a warm one alike (there /work holds the directories of all the job's tasks)."""
+        return f"/work/{self.workdir.name}"
 
     def check_workdir(self) -> None:
         if not self.workdir.is_dir():
@@ -265,24 +275,33 @@ class ProcessPipes(asyncio.SubprocessProtocol):
         return lines[-1].strip() if lines else ""
 
 
-class ProcessTask:
-    """A running task made of one host process and everything it starts.
+class OutputPipe(ProcessPipes):
+    """The same, for output that comes on a pipe of its own, from a process that is not the
+    agent's child: whoever learns of the process's end sets ``exited``."""
+
+    def data_received(self, data: bytes) -> None:
+        self.pipe_data_received(1, data)
+
+    def eof_received(self) -> bool | None:
+        return None  # let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pipe_connection_lost(1, exc)
+
+
+class SupervisedTask:
+    """A running task: its timeout, cancel, disk quota and end, whoever started its process.
 
     The main process's exit decides the outcome (unless we killed it first); then whatever is left
     of the tree is killed and waited for. Subclasses say how to kill the tree (synchronously, so
-    that ``cancel`` and the timeout act at once), how to know it is gone, and how to read an exit
-    status.
+    that ``cancel`` and the timeout act at once), how to know it is gone, how to read an exit
+    status, and what to close at the end. ``pipes.exited`` must come true when the main process
+    has ended, and ``pipes.output_closed`` when its output reaches EOF.
     """
 
-    def __init__(
-        self,
-        launch: TaskLaunch,
-        transport: asyncio.SubprocessTransport,
-        pipes: ProcessPipes,
-    ) -> None:
+    def __init__(self, launch: TaskLaunch, pid: int, pipes: ProcessPipes) -> None:
         loop = asyncio.get_running_loop()
-        self.pid: int = transport.get_pid()
-        self._transport = transport
+        self.pid: int = pid
         self._pipes = pipes
         self._ending: TaskOutcome | None = None  # why we killed it; wins over its exit status
         timeout = launch.timeout
@@ -327,8 +346,7 @@ class ProcessTask:
             if self._timer is not None:
                 self._timer.cancel()
             ending = self._ending
-            returncode = self._transport.get_returncode()
-            assert returncode is not None  # the process has exited
+            returncode = self._returncode()
             # What the main process started ends with it: the task is one unit.
             self._kill_tree()
             await self._wait_tree_gone()
@@ -341,8 +359,15 @@ class ProcessTask:
         finally:
             if self._disk_watch is not None:
                 self._disk_watch.cancel()
-            self._transport.close()  # after this no more output is delivered
+            self._close_io()  # after this no more output is delivered
             self._release()
+
+    def _returncode(self) -> int:
+        """The main process's end, as asyncio gives it: the exit code, or -N for signal N."""
+        raise NotImplementedError
+
+    def _close_io(self) -> None:
+        raise NotImplementedError
 
     def _kill_tree(self) -> None:
         raise NotImplementedError
@@ -358,3 +383,24 @@ class ProcessTask:
 
     def _release(self) -> None:
         """Free what the subclass holds (file descriptors) once the task is over."""
+
+
+class ProcessTask(SupervisedTask):
+    """A task whose main process is a child of the agent, started with ``subprocess_exec``."""
+
+    def __init__(
+        self,
+        launch: TaskLaunch,
+        transport: asyncio.SubprocessTransport,
+        pipes: ProcessPipes,
+    ) -> None:
+        self._transport = transport
+        super().__init__(launch, transport.get_pid(), pipes)
+
+    def _returncode(self) -> int:
+        returncode = self._transport.get_returncode()
+        assert returncode is not None  # the process has exited
+        return returncode
+
+    def _close_io(self) -> None:
+        self._transport.close()

@@ -1,0 +1,237 @@
+"""Starting bubblewrap and knowing its sandbox exists: shared by fresh and warm sandboxes.
+
+bwrap reports on ``--json-status-fd``: a first line with the host pid of the process it runs as
+the sandbox's PID 1 ("child-pid") once the namespaces exist, and an "exit-code" line only if the
+command was exec'd. Without the first line bwrap gave up before it made the sandbox, and its
+reason is the last line of its output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from planetary_mesh.errors import SandboxError
+from planetary_mesh.sandbox.limits import TaskCgroup, set_rlimits
+from planetary_mesh.sandbox.runner import OUTPUT_GRACE_S, ProcessPipes
+from planetary_mesh.sandbox.user import TaskUser
+
+log = logging.getLogger(__name__)
+
+SETUP_TIMEOUT_S = 10.0  # bwrap makes a sandbox in milliseconds; this long means it is stuck
+ABANDON_TIMEOUT_S = 2.0  # for a task killed during its set-up to leave its cgroup
+
+
+@dataclass
+class Spawned:
+    """A bwrap whose sandbox exists, and what reads it."""
+
+    transport: asyncio.SubprocessTransport
+    pipes: ProcessPipes
+    status: StatusPipe
+    status_transport: asyncio.ReadTransport
+    bwrap_pidfd: int | None
+    info: dict[str, object]  # bwrap's first status line: "child-pid" and the namespaces
+
+
+async def spawn_bwrap(
+    command: Callable[[int], list[str]],
+    pipes_factory: Callable[[], ProcessPipes],
+    group: TaskCgroup | None,
+    executable: str,
+    pass_fds: tuple[int, ...] = (),
+) -> Spawned:
+    """Run ``command(status_fd)`` in ``group`` with the rlimits, and wait for its sandbox.
+
+    Raises SandboxError, having killed everything it started, when there is no sandbox.
+    """
+    loop = asyncio.get_running_loop()
+    procs = [] if group is None else group.procs_files()
+
+    def enter_limits() -> None:
+        # In the child, before it execs: join the task's cgroup (so all it starts is
+        # counted there from the first instruction) and take the rlimits.
+        pid = str(os.getpid())
+        for path in procs:
+            with open(path, "w") as handle:
+                handle.write(pid)
+        set_rlimits()
+
+    status_read, status_write = os.pipe()
+    transport: asyncio.SubprocessTransport | None = None
+    status_transport: asyncio.ReadTransport | None = None
+    bwrap_pidfd: int | None = None
+    try:
+        try:
+            # Spawned from the event loop's thread, which lives as long as the agent:
+            # bwrap's --die-with-parent fires when the *thread* that forked it ends.
+            creating = asyncio.ensure_future(
+                loop.subprocess_exec(
+                    pipes_factory,
+                    *command(status_write),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=(status_write, *pass_fds),
+                    env={},  # bwrap needs none; the task's comes from --setenv
+                    preexec_fn=enter_limits,
+                )
+            )
+            try:
+                transport, pipes = await asyncio.shield(creating)
+            except asyncio.CancelledError:
+                # Cancelled part way, subprocess_exec can wait for ever on output pipes it had
+                # not yet connected (CPython 3.11; seen about once in 500 cancels). So let it
+                # finish, which takes milliseconds; the clean-up below then kills what it made.
+                with contextlib.suppress(Exception):
+                    transport, _ = await creating
+                raise
+        except (OSError, subprocess.SubprocessError) as error:
+            raise SandboxError(f"cannot run bwrap ({executable}): {error}") from error
+        finally:
+            os.close(status_write)
+        assert transport is not None  # made, or we raised
+        bwrap_pidfd = pidfd_open(transport.get_pid())
+        status_transport, status = await loop.connect_read_pipe(
+            StatusPipe,
+            open(status_read, "rb", buffering=0),  # noqa: SIM115 - the transport closes it
+        )
+        status_read = -1  # the transport owns it now
+        info = await asyncio.wait_for(asyncio.shield(status.sandbox), SETUP_TIMEOUT_S)
+        if info is None:
+            # bwrap gave up before it made the sandbox; its reason is all the output there is.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pipes.output_closed, OUTPUT_GRACE_S)
+            reason = pipes.last_line() or "bwrap exited before it made the sandbox"
+            raise SandboxError(reason)
+    except BaseException as error:
+        # Failed or cancelled part way (the agent stopping while a task starts): nothing of
+        # the task may go on, unwatched or stuck in bwrap's set-up, nor hold its cgroup.
+        kill(bwrap_pidfd)
+        close_fd(bwrap_pidfd)
+        if status_read >= 0:
+            os.close(status_read)
+        for closing in (transport, status_transport):
+            if closing is not None:
+                closing.close()
+        if group is not None:
+            abandon(group)
+        if isinstance(error, TimeoutError):
+            raise SandboxError(f"bwrap made no sandbox in {SETUP_TIMEOUT_S:g}s") from error
+        raise
+    return Spawned(transport, pipes, status, status_transport, bwrap_pidfd, info)
+
+
+class StatusPipe(asyncio.Protocol):
+    """Reads bwrap's ``--json-status-fd``: one JSON object a line, possibly in several reads.
+
+    The first line (with "child-pid") comes once the namespaces exist; the "exit-code" line only
+    if the command was exec'd. EOF comes when bwrap exits: the sandbox does not inherit the fd.
+    """
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.sandbox: asyncio.Future[dict[str, object] | None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.exit_code: int | None = None
+        self._buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                log.warning("bwrap wrote a status line that is not JSON: %r", line)
+                continue
+            if not isinstance(record, dict):
+                continue
+            if "child-pid" in record and not self.sandbox.done():
+                self.sandbox.set_result(record)
+            if isinstance(record.get("exit-code"), int):
+                self.exit_code = record["exit-code"]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.sandbox.done():
+            self.sandbox.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+def abandon(group: TaskCgroup) -> None:
+    """Kill all of a task that never got going, wait (briefly) for it to die, free its cgroup."""
+    deadline = time.monotonic() + ABANDON_TIMEOUT_S
+    while True:
+        group.kill()
+        if group.empty() or time.monotonic() > deadline:
+            break
+        time.sleep(0.005)  # dying processes leave the cgroup within milliseconds
+    group.remove()
+
+
+def hand_over(workdir: Path, user: TaskUser) -> None:
+    """Give the task user its work directory (and the inputs in it), and only it."""
+    for path in (workdir, *workdir.rglob("*")):
+        os.chown(path, user.uid, user.gid, follow_symlinks=False)
+    workdir.chmod(0o700)
+
+
+def sandbox_init_pidfd(info: dict[str, object]) -> int | None:
+    """A pidfd on the sandbox's init, or None if it is gone already (then so is its namespace)."""
+    pid = info.get("child-pid")
+    if not isinstance(pid, int):
+        return None
+    pidfd = pidfd_open(pid)
+    if pidfd is None:
+        return None
+    # The pidfd pins the pid, so this check is free of races: is it still the process bwrap
+    # named, and not a newcomer that reused its pid after a very short task?
+    namespace = info.get("pid-namespace")
+    with contextlib.suppress(OSError):
+        if isinstance(namespace, int) and os.stat(f"/proc/{pid}/ns/pid").st_ino != namespace:
+            os.close(pidfd)
+            return None
+    return pidfd
+
+
+def pidfd_open(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+
+
+def kill(pidfd: int | None) -> None:
+    if pidfd is not None:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+
+def close_fd(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+async def readable(fd: int) -> None:
+    """Wait until ``fd`` is readable: for a pidfd, until that process has exited."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def on_readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, on_readable)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)

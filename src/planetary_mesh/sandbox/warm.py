@@ -1,0 +1,489 @@
+"""Warm sandboxes: one bubblewrap sandbox per job on an agent, reused by the job's tasks.
+
+A fresh bwrap costs milliseconds of set-up per task; a job of many short tasks would be paced by
+it. So the first task of a job that has more than one task starts in a fresh sandbox as usual,
+and meanwhile the agent makes the job a warm one: the same namespaces, the same read-only /usr
+and private /tmp, the job's folder of work directories at /work, and a small launcher
+(warm_launcher.py) as its PID 1. Later tasks of the job are sent to that launcher, which forks
+them; each runs in its own work directory, /work/<index>-<attempt>, as in a fresh sandbox.
+
+What each task keeps of its own: its cgroup (memory, CPU, processes; the launcher's child is
+moved there before it execs, see the launcher), its rlimits, its session, its timeout and disk
+quota, and its kill: the cgroup is killed whole, daemonised children included. What the tasks of
+one job on one agent share: /tmp, /dev/shm, the PID and network namespaces, and the uid. They
+belong to one user and one job, as Ray's or Dask's tasks share a worker; different jobs never
+share a sandbox.
+
+Warm sandboxes need task cgroups (without them a daemonised child could outlive its task inside
+the sandbox) and a Python under /usr for the launcher; without either every task gets a fresh
+sandbox. A warm sandbox closes once its job has had no task on the agent for ``idle_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from planetary_mesh.errors import SandboxError
+from planetary_mesh.sandbox.bwrap_spawn import (
+    SETUP_TIMEOUT_S,
+    Spawned,
+    abandon,
+    close_fd,
+    kill,
+    pidfd_open,
+    readable,
+    sandbox_init_pidfd,
+    spawn_bwrap,
+)
+from planetary_mesh.sandbox.limits import CgroupBackend, Limits, TaskCgroup
+from planetary_mesh.sandbox.runner import (
+    EndReason,
+    OutputPipe,
+    OutputSink,
+    ProcessPipes,
+    RunningTask,
+    SupervisedTask,
+    TaskLaunch,
+    TaskOutcome,
+)
+
+log = logging.getLogger(__name__)
+
+LAUNCHER = Path(__file__).with_name("warm_launcher.py")
+LAUNCHER_INSIDE = "/run/planetary-mesh/launcher.py"  # where the sandbox shows it, read only
+WARM_IDLE_S = 5.0  # a warm sandbox whose job has had no task here for this long is closed
+MAX_WARM_SANDBOXES = 8  # at once per agent; more jobs at once get fresh sandboxes
+# The launcher itself: a small Python, and the children it forked but the agent has not yet
+# moved to their own cgroups.
+LAUNCHER_LIMITS = Limits(memory=128 * 1024 * 1024, pids=256)
+MAX_REQUEST_BYTES = 128 * 1024  # a launch this large (a huge environment) gets a fresh sandbox
+TREE_GONE_TIMEOUT_S = 30.0  # a process stuck in the kernel (D state) can hold its cgroup up
+CGROUP_POLL_S = 0.005  # killed processes leave their cgroup within milliseconds
+_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class WarmUnavailable(Exception):
+    """The warm sandbox cannot take this task (closed, full, or the launch does not fit): the
+    runner starts the task in a fresh sandbox instead. Not a failure of the task."""
+
+
+def launcher_python() -> str | None:
+    """A Python the sandbox can run (it shows the host's /usr and nothing else), or None."""
+    for candidate in (os.path.realpath(sys.executable), "/usr/bin/python3"):
+        if candidate.startswith("/usr/") and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+class WarmSandbox:
+    """One job's warm sandbox on this agent: a bwrap whose PID 1 is the launcher."""
+
+    def __init__(
+        self,
+        jobdir: Path,
+        command: Callable[[int, int], list[str]],  # (control fd, status fd) -> bwrap argv
+        cgroups: CgroupBackend,
+        executable: str,
+        idle_s: float,
+        on_closed: Callable[[WarmSandbox], None],
+    ) -> None:
+        self.jobdir = jobdir
+        self.ready = False
+        self.closed = False
+        self.launcher_pid: int | None = None  # on the host
+        self._command = command
+        self._cgroups = cgroups
+        self._executable = executable
+        self._idle_s = idle_s
+        self._on_closed = on_closed
+        self._group: TaskCgroup | None = None
+        self._spawned: Spawned | None = None
+        self._launcher_pidfd: int | None = None
+        self._control: socket.socket | None = None
+        self._exits: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self._active = 0
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    async def start(self) -> None:
+        """Make the sandbox and wait for its launcher's hello. Raises SandboxError."""
+        try:
+            self._group = self._cgroups.create(LAUNCHER_LIMITS)
+        except OSError as error:
+            raise SandboxError(f"cannot make the warm sandbox's cgroup: {error}") from error
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._control = mine
+        mine.setblocking(False)
+        try:
+            control_fd = theirs.fileno()
+            self._spawned = await spawn_bwrap(
+                lambda status_fd: self._command(control_fd, status_fd),
+                functools.partial(ProcessPipes, self._log_output),
+                self._group,
+                self._executable,
+                pass_fds=(control_fd,),
+            )
+        finally:
+            theirs.close()
+        # With --as-pid-1 the process bwrap names is the launcher itself.
+        self._launcher_pidfd = sandbox_init_pidfd(self._spawned.info)
+        pid = self._spawned.info.get("child-pid")
+        self.launcher_pid = pid if isinstance(pid, int) else None
+        try:
+            hello, _ = await asyncio.wait_for(_receive(mine), SETUP_TIMEOUT_S)
+        except TimeoutError:
+            hello = b""
+        if not hello:
+            raise SandboxError(
+                "the warm sandbox's launcher did not start"
+                f" ({self._spawned.pipes.last_line() or 'no reason given'})"
+            )
+        asyncio.get_running_loop().add_reader(mine.fileno(), self._on_control)
+        self.ready = True
+        self._arm_idle_timer()
+
+    def _log_output(self, data: bytes) -> None:
+        # The launcher writes only when something is badly wrong (a Python traceback).
+        log.warning("warm sandbox for %s: %s", self.jobdir.name, data.decode(errors="replace"))
+
+    async def spawn(self, launch: TaskLaunch, on_output: OutputSink) -> RunningTask:
+        """Start ``launch`` in this sandbox. Raises WarmUnavailable (start it elsewhere) or
+        SandboxError (the command cannot run: not found, not executable)."""
+        if not self.ready or self.closed or self._control is None:
+            raise WarmUnavailable("the warm sandbox is not ready")
+        task_id = next(self._ids)
+        request = json.dumps(
+            {
+                "id": task_id,
+                "argv": list(launch.argv),
+                "env": launch.environment(launch.sandbox_workdir),
+                "cwd": launch.sandbox_workdir,
+            }
+        ).encode()
+        if len(request) > MAX_REQUEST_BYTES:
+            raise WarmUnavailable("the launch is too large to send")
+        try:
+            group = self._cgroups.create(launch.limits or Limits())
+        except OSError as error:
+            raise SandboxError(f"cannot make the task's cgroup: {error}") from error
+        if group is None:
+            raise WarmUnavailable("no cgroup for the task")
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._exits[task_id] = exited
+        self._task_started()
+        out_read, out_write = os.pipe()
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        started = False
+        try:
+            mine.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            mine.setblocking(False)
+            try:
+                socket.send_fds(self._control, [request], [out_write, theirs.fileno()])
+            except OSError as error:  # full (BlockingIOError) or the launcher is gone
+                raise WarmUnavailable(f"cannot reach the launcher: {error}") from error
+            finally:
+                os.close(out_write)
+                theirs.close()
+            running = await self._handshake(mine, group, exited)
+            transport, pipes = await loop.connect_read_pipe(
+                functools.partial(OutputPipe, on_output),
+                open(out_read, "rb", buffering=0),  # noqa: SIM115 - the transport closes it
+            )
+            started = True
+            return _WarmTask(launch, running, pipes, transport, group, exited, self)
+        finally:
+            mine.close()
+            if not started:
+                os.close(out_read)
+                self._exits.pop(task_id, None)
+                abandon(group)  # kills the forked child, if there is one
+                self.task_done()
+
+    async def _handshake(
+        self, sync: socket.socket, group: TaskCgroup, exited: asyncio.Future[dict[str, Any]]
+    ) -> int:
+        """Move the forked child into its cgroup, let it exec; returns its host pid."""
+        try:
+            first, pid = await asyncio.wait_for(_receive(sync), SETUP_TIMEOUT_S)
+        except TimeoutError as error:
+            raise WarmUnavailable("the launcher did not fork the task") from error
+        if first.startswith(b"e"):
+            raise SandboxError(first[1:].decode(errors="replace"))
+        if first != b"r" or pid is None:
+            # The launcher could not fork (it said why) or is gone.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(exited), 0.5)
+            reason = exited.result().get("error") if exited.done() else None
+            raise WarmUnavailable(f"the launcher did not start the task ({reason or 'gone'})")
+        for path in group.procs_files():
+            path.write_text(str(pid))
+        sync.send(b"g")
+        try:
+            second, _ = await asyncio.wait_for(_receive(sync), SETUP_TIMEOUT_S)
+        except TimeoutError as error:
+            raise SandboxError(f"the task did not exec in {SETUP_TIMEOUT_S:g}s") from error
+        if second:  # "e<reason>": exec failed; close-on-exec EOF means it runs
+            raise SandboxError(second[1:].decode(errors="replace"))
+        return pid
+
+    def _on_control(self) -> None:
+        assert self._control is not None
+        while True:
+            try:
+                message = self._control.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                message = b""
+            if not message:
+                log.warning("the warm sandbox for %s ended", self.jobdir.name)
+                self.close()
+                return
+            try:
+                record = json.loads(message)
+                waiter = self._exits.pop(int(record["id"]), None)
+            except (ValueError, KeyError, TypeError):
+                log.warning("the warm sandbox's launcher said %r", message[:200])
+                continue
+            if waiter is not None and not waiter.done():
+                waiter.set_result(record)
+
+    def _task_started(self) -> None:
+        self._active += 1
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def task_done(self) -> None:
+        self._active -= 1
+        self._arm_idle_timer()
+
+    def _arm_idle_timer(self) -> None:
+        if self._active == 0 and not self.closed and self._idle_timer is None:
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_later(self._idle_s, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        self._idle_timer = None
+        if self._active == 0:
+            self.close()
+
+    def close(self) -> None:
+        """Kill the sandbox and all in it now; tasks still running there end as lost."""
+        if self.closed:
+            return
+        self.closed = True
+        self.ready = False
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        for waiter in self._exits.values():
+            if not waiter.done():
+                waiter.set_result({"lost": True})
+        self._exits.clear()
+        if self._control is not None:
+            with contextlib.suppress(ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(self._control.fileno())
+            self._control.close()  # the launcher exits on EOF; the kill below makes sure
+        kill(self._launcher_pidfd)
+        if self._spawned is not None:
+            kill(self._spawned.bwrap_pidfd)
+            self._spawned.transport.close()
+            self._spawned.status_transport.close()
+            close_fd(self._spawned.bwrap_pidfd)
+        close_fd(self._launcher_pidfd)
+        self._launcher_pidfd = None
+        if self._group is not None:
+            abandon(self._group)  # the launcher and bwrap: dead within milliseconds
+        self._on_closed(self)
+
+
+class _WarmTask(SupervisedTask):
+    """A task the launcher forked: its exit status comes from the launcher, its tree is its
+    cgroup."""
+
+    def __init__(
+        self,
+        launch: TaskLaunch,
+        pid: int,
+        pipes: OutputPipe,
+        transport: asyncio.ReadTransport,
+        group: TaskCgroup,
+        exited: asyncio.Future[dict[str, Any]],
+        sandbox: WarmSandbox,
+    ) -> None:
+        self._transport = transport
+        self._group = group
+        self._exit = exited
+        self._sandbox = sandbox
+        self._memory = launch.limits.memory if launch.limits else None
+        self._pidfd = pidfd_open(pid)
+        self._lost = False
+        exited.add_done_callback(lambda _: pipes.process_exited())
+        super().__init__(launch, pid, pipes)
+
+    def _returncode(self) -> int:
+        status = self._exit.result().get("status")
+        if not isinstance(status, int):  # the whole sandbox went down under it
+            self._lost = True
+            return -signal.SIGKILL
+        return os.waitstatus_to_exitcode(status)
+
+    def _close_io(self) -> None:
+        self._transport.close()
+
+    def _kill_tree(self) -> None:
+        kill(self._pidfd)
+        self._group.kill()
+
+    async def _wait_tree_gone(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TREE_GONE_TIMEOUT_S
+        if self._pidfd is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(readable(self._pidfd), TREE_GONE_TIMEOUT_S)
+        while not self._group.empty():
+            if loop.time() > deadline:
+                log.error("task %d: processes of it survive SIGKILL; giving up", self.pid)
+                return
+            self._group.kill()
+            await asyncio.sleep(CGROUP_POLL_S)
+
+    def _outcome_of(self, returncode: int) -> TaskOutcome:
+        if self._group.oom_killed():
+            return TaskOutcome.out_of_memory(self._memory)
+        if self._lost:
+            return TaskOutcome(
+                EndReason.SIGNALLED,
+                None,
+                signal.SIGKILL,
+                "killed: the job's warm sandbox on this node ended while it ran",
+            )
+        return super()._outcome_of(returncode)
+
+    def _release(self) -> None:
+        self._group.remove()
+        close_fd(self._pidfd)
+        self._pidfd = None
+        self._sandbox.task_done()
+
+
+class WarmPool:
+    """The warm sandboxes of one runner, by job."""
+
+    def __init__(
+        self,
+        python: str,
+        command: Callable[[Path, bool, str, int, int], list[str]],
+        cgroups: CgroupBackend,
+        executable: str,
+        idle_s: float = WARM_IDLE_S,
+        size: int = MAX_WARM_SANDBOXES,
+    ) -> None:
+        self.python = python
+        self.enabled = True
+        self._command = command
+        self._cgroups = cgroups
+        self._executable = executable
+        self._idle_s = idle_s
+        self._size = size
+        self._sandboxes: dict[tuple[str, bool, Path], WarmSandbox] = {}
+        self._starting: set[asyncio.Task[None]] = set()
+
+    def sandboxes(self) -> list[WarmSandbox]:
+        return list(self._sandboxes.values())
+
+    async def spawn(self, launch: TaskLaunch, on_output: OutputSink) -> RunningTask | None:
+        """The task started in its job's warm sandbox; None: start it in a fresh one. A job's
+        first launch here makes its warm sandbox, in the background."""
+        if launch.share is None or not self.enabled:
+            return None
+        jobdir = launch.workdir.parent
+        key = (launch.share, launch.network, jobdir)
+        sandbox = self._sandboxes.get(key)
+        if sandbox is None:
+            if len(self._sandboxes) < self._size:
+                sandbox = WarmSandbox(
+                    jobdir,
+                    functools.partial(self._command, jobdir, launch.network, self.python),
+                    self._cgroups,
+                    self._executable,
+                    self._idle_s,
+                    self._forget,
+                )
+                self._sandboxes[key] = sandbox
+                starting = asyncio.create_task(self._start(sandbox))
+                self._starting.add(starting)
+                starting.add_done_callback(self._starting.discard)
+            return None
+        try:
+            return await sandbox.spawn(launch, on_output)
+        except WarmUnavailable as why:
+            log.debug("task goes to a fresh sandbox: %s", why)
+            return None
+
+    async def _start(self, sandbox: WarmSandbox) -> None:
+        try:
+            await sandbox.start()
+        except SandboxError as error:
+            log.warning(
+                "warm sandboxes are off on this agent: %s. Every task gets a fresh sandbox,"
+                " which is slower to start but as safe.",
+                error,
+            )
+            self.enabled = False
+            sandbox.close()
+        except BaseException:
+            sandbox.close()
+            raise
+
+    def _forget(self, sandbox: WarmSandbox) -> None:
+        for key, held in list(self._sandboxes.items()):
+            if held is sandbox:
+                del self._sandboxes[key]
+
+    def close(self) -> None:
+        for starting in list(self._starting):
+            starting.cancel()
+        for sandbox in list(self._sandboxes.values()):
+            sandbox.close()
+
+
+async def _receive(sock: socket.socket) -> tuple[bytes, int | None]:
+    """One message from a non-blocking SOCK_SEQPACKET socket (b"" at EOF), and the sender's
+    pid as this process sees it, where the socket has SO_PASSCRED."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            data, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(_CREDENTIALS.size))
+        except BlockingIOError:
+            ready: asyncio.Future[None] = loop.create_future()
+
+            def on_readable(ready: asyncio.Future[None] = ready) -> None:
+                if not ready.done():
+                    ready.set_result(None)
+
+            loop.add_reader(sock.fileno(), on_readable)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(sock.fileno())
+            continue
+        pid = None
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = _CREDENTIALS.unpack(payload[: _CREDENTIALS.size])[0]
+        return data, pid

@@ -327,8 +327,9 @@ class Agent:
                 timeout=job.timeout,
                 network=job.network,
                 limits=Limits(memory=job.memory, cpus=job.cpus, disk=self.task_disk),
-                # A job of many tasks gets a warm sandbox on each agent that runs its tasks.
-                share=job_id if job.count > 1 else None,
+                # Tasks of one job may share a warm sandbox on this agent (the runner decides).
+                share=job_id,
+                share_size=job.count,
             )
             running = await self.runner.start(launch, on_output)
             self.running[ref] = running

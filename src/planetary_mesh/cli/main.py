@@ -148,6 +148,14 @@ def agent(
     task_disk: Annotated[
         str, typer.Option("--task-disk", help="Disk one task's work directory may use.")
     ] = "4G",
+    warm_sandboxes: Annotated[
+        str,
+        typer.Option(
+            "--warm-sandboxes",
+            help="Reuse one sandbox for the tasks of a job: auto (jobs of several tasks),"
+            " always, or off (a fresh sandbox for every task).",
+        ),
+    ] = "auto",
 ) -> None:
     """Join a mesh (first start, with a token) and run the tasks it assigns."""
     import socket
@@ -161,7 +169,9 @@ def agent(
     disk = parse_size(task_disk)
     paths = AgentPaths(data_dir or default_data_dir("agent"))
     node_name = name or socket.gethostname()
-    runner = default_runner(allow_unsandboxed=no_sandbox)
+    if warm_sandboxes not in ("auto", "always", "off"):
+        raise ConfigError(f"bad --warm-sandboxes {warm_sandboxes!r}: use auto, always or off")
+    runner = default_runner(allow_unsandboxed=no_sandbox, warm=warm_sandboxes)
     state = joined_state(paths)
     if state is None:
         if not coordinator or not token:

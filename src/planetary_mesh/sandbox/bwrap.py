@@ -54,6 +54,7 @@ from planetary_mesh.sandbox.warm import (
     LAUNCHER,
     LAUNCHER_INSIDE,
     WARM_IDLE_S,
+    WarmMode,
     WarmPool,
     launcher_python,
 )
@@ -78,7 +79,7 @@ class BwrapRunner:
         executable: str | None = None,
         user: TaskUser | None = None,
         cgroups: CgroupBackend | None = None,
-        warm: bool = True,
+        warm: WarmMode = WarmMode.AUTO,
         warm_idle_s: float = WARM_IDLE_S,
     ) -> None:
         found = executable or shutil.which("bwrap")
@@ -93,11 +94,11 @@ class BwrapRunner:
             start_reaper(cgroups.tag) if cgroups is not None and cgroups.controllers else None
         )
         # Warm sandboxes rely on task cgroups to kill a task whole, and run a Python launcher.
-        python = launcher_python() if warm and self._reaper_pipe is not None else None
+        python = launcher_python() if self._reaper_pipe is not None else None
         self.warm = (
             None
-            if python is None or cgroups is None
-            else WarmPool(python, self.warm_command, cgroups, self.executable, warm_idle_s)
+            if python is None or cgroups is None or warm is WarmMode.OFF
+            else WarmPool(warm, python, self.warm_command, cgroups, self.executable, warm_idle_s)
         )
 
     def close(self) -> None:
@@ -115,7 +116,12 @@ class BwrapRunner:
             limits = "no cgroups"
         else:
             limits = f"{self.cgroups.name} ({', '.join(self.cgroups.controllers)})"
-        reuse = "warm sandbox per job" if self.warm else "fresh sandbox per task"
+        if self.warm is None:
+            reuse = "fresh sandbox per task"
+        elif self.warm.mode is WarmMode.ALWAYS:
+            reuse = "warm sandbox per job, always"
+        else:
+            reuse = "warm sandbox per job"
         return f"bwrap {who}; {limits}; rlimits; private /tmp {TMP_BYTES // 2**20}M; {reuse}"
 
     def _bwrap(self, status_fd: int | None) -> list[str]:

@@ -79,6 +79,7 @@ class TaskLaunch:
     # command owner, limits and network, each still in its own work directory. Their work
     # directories must then share a parent, which the warm sandbox shows at /work.
     share: str | None = None
+    share_size: int = 1  # how many tasks the key has in all: whether a warm sandbox pays
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -210,13 +211,14 @@ class Runner(Protocol):
         ...
 
 
-def default_runner(allow_unsandboxed: bool) -> Runner:
+def default_runner(allow_unsandboxed: bool, warm: str = "auto") -> Runner:
     """bwrap when it is installed and works here; unsandboxed only when the operator asked."""
     # Imported here because both runners import this module.
     from planetary_mesh.sandbox.bwrap import BwrapRunner, bwrap_problem
     from planetary_mesh.sandbox.limits import detect_cgroups, reap_stale_task_cgroups
     from planetary_mesh.sandbox.plain import PlainRunner
     from planetary_mesh.sandbox.user import task_user
+    from planetary_mesh.sandbox.warm import WarmMode
 
     executable = shutil.which("bwrap")
     if executable is None:
@@ -230,7 +232,7 @@ def default_runner(allow_unsandboxed: bool) -> Runner:
             stale = reap_stale_task_cgroups()
             if stale:
                 log.warning("killed %d processes left behind by agents that died", stale)
-            return BwrapRunner(executable, user, detect_cgroups())
+            return BwrapRunner(executable, user, detect_cgroups(), WarmMode(warm))
     if not allow_unsandboxed:
         raise SandboxError(
             f"{problem}, so tasks cannot be sandboxed: {remedy} or start the agent with"

@@ -33,6 +33,7 @@ import socket
 import struct
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,14 @@ MAX_REQUEST_BYTES = 128 * 1024  # a launch this large (a huge environment) gets 
 TREE_GONE_TIMEOUT_S = 30.0  # a process stuck in the kernel (D state) can hold its cgroup up
 CGROUP_POLL_S = 0.005  # killed processes leave their cgroup within milliseconds
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class WarmMode(StrEnum):
+    """When tasks use warm sandboxes (the agent's --warm-sandboxes)."""
+
+    AUTO = "auto"  # tasks of jobs with more than one task; a job's first task does not wait
+    OFF = "off"  # never: a fresh sandbox for every task
+    ALWAYS = "always"  # every task, the first of a job waiting for its sandbox to be made
 
 
 class WarmUnavailable(Exception):
@@ -117,6 +126,7 @@ class WarmSandbox:
         self._ids = itertools.count(1)
         self._active = 0
         self._idle_timer: asyncio.TimerHandle | None = None
+        self.starting: asyncio.Task[None] | None = None  # set by the pool
 
     async def start(self) -> None:
         """Make the sandbox and wait for its launcher's hello. Raises SandboxError."""
@@ -301,8 +311,9 @@ class WarmSandbox:
         kill(self._launcher_pidfd)
         if self._spawned is not None:
             kill(self._spawned.bwrap_pidfd)
-            self._spawned.transport.close()
-            self._spawned.status_transport.close()
+            with contextlib.suppress(RuntimeError):  # closed along with its event loop
+                self._spawned.transport.close()
+                self._spawned.status_transport.close()
             close_fd(self._spawned.bwrap_pidfd)
         close_fd(self._launcher_pidfd)
         self._launcher_pidfd = None
@@ -386,6 +397,7 @@ class WarmPool:
 
     def __init__(
         self,
+        mode: WarmMode,
         python: str,
         command: Callable[[Path, bool, str, int, int], list[str]],
         cgroups: CgroupBackend,
@@ -393,6 +405,7 @@ class WarmPool:
         idle_s: float = WARM_IDLE_S,
         size: int = MAX_WARM_SANDBOXES,
     ) -> None:
+        self.mode = mode
         self.python = python
         self.enabled = True
         self._command = command
@@ -408,26 +421,33 @@ class WarmPool:
 
     async def spawn(self, launch: TaskLaunch, on_output: OutputSink) -> RunningTask | None:
         """The task started in its job's warm sandbox; None: start it in a fresh one. A job's
-        first launch here makes its warm sandbox, in the background."""
-        if launch.share is None or not self.enabled:
+        first launch here makes its warm sandbox: in the background (auto), or waiting for it
+        (always)."""
+        if launch.share is None or not self.enabled or self.mode is WarmMode.OFF:
+            return None
+        if self.mode is WarmMode.AUTO and launch.share_size < 2:
             return None
         jobdir = launch.workdir.parent
         key = (launch.share, launch.network, jobdir)
         sandbox = self._sandboxes.get(key)
+        if sandbox is None and len(self._sandboxes) < self._size:
+            sandbox = WarmSandbox(
+                jobdir,
+                functools.partial(self._command, jobdir, launch.network, self.python),
+                self._cgroups,
+                self._executable,
+                self._idle_s,
+                self._forget,
+            )
+            self._sandboxes[key] = sandbox
+            sandbox.starting = asyncio.create_task(self._start(sandbox))
+            self._starting.add(sandbox.starting)
+            sandbox.starting.add_done_callback(self._starting.discard)
         if sandbox is None:
-            if len(self._sandboxes) < self._size:
-                sandbox = WarmSandbox(
-                    jobdir,
-                    functools.partial(self._command, jobdir, launch.network, self.python),
-                    self._cgroups,
-                    self._executable,
-                    self._idle_s,
-                    self._forget,
-                )
-                self._sandboxes[key] = sandbox
-                starting = asyncio.create_task(self._start(sandbox))
-                self._starting.add(starting)
-                starting.add_done_callback(self._starting.discard)
+            return None
+        if self.mode is WarmMode.ALWAYS and sandbox.starting is not None:
+            await asyncio.shield(sandbox.starting)  # _start raises nothing but CancelledError
+        if not sandbox.ready:
             return None
         try:
             return await sandbox.spawn(launch, on_output)
@@ -436,9 +456,11 @@ class WarmPool:
             return None
 
     async def _start(self, sandbox: WarmSandbox) -> None:
+        """Make ``sandbox``; raises nothing but CancelledError. A sandbox that cannot be made
+        turns warm sandboxes off for this runner: the next would most likely fail alike."""
         try:
             await sandbox.start()
-        except SandboxError as error:
+        except Exception as error:
             log.warning(
                 "warm sandboxes are off on this agent: %s. Every task gets a fresh sandbox,"
                 " which is slower to start but as safe.",

@@ -46,10 +46,15 @@ def _child(request: dict[str, Any], out_fd: int, sync: socket.socket) -> NoRetur
         for signum in _RESTORED_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        # Descriptors received over a socket are inheritable: the sync socket must close on
+        # exec (that EOF is the agent's "it runs"), and the task gets only 0, 1 and 2.
+        os.set_inheritable(sync.fileno(), False)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(out_fd, 1)
         os.dup2(out_fd, 2)
+        for spare in {null, out_fd} - {0, 1, 2}:
+            os.close(spare)
         sync.send(b"r")
         if sync.recv(1) != b"g":
             os._exit(127)  # the agent gave up on this task

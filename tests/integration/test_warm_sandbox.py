@@ -1,0 +1,364 @@
+"""Warm sandboxes for real: real bwrap, the real task user, the host's real cgroups, the
+launcher forking tasks inside.
+
+What a user relies on: the tasks of a job share one sandbox and start quicker, yet each keeps
+its own work directory, limits, exit status and kill; different jobs never share one; no task
+can take the sandbox down or reach into its launcher; nothing is left once the sandbox closes.
+Needs root and cgroups, like test_bwrap_limits.py; fails (never skips) elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import kill_leftovers, processes_with
+
+from planetary_mesh.errors import SandboxError
+from planetary_mesh.sandbox.bwrap import BwrapRunner, bwrap_problem
+from planetary_mesh.sandbox.limits import CGROUP_ROOT, Limits, detect_cgroups, own_cgroups
+from planetary_mesh.sandbox.runner import EndReason, RunningTask, TaskLaunch, TaskOutcome
+from planetary_mesh.sandbox.user import TaskUser, task_user
+from planetary_mesh.sandbox.warm import LAUNCHER_INSIDE, WarmMode, WarmSandbox
+
+MIB = 2**20
+
+
+@pytest.fixture(scope="module")
+def account() -> TaskUser:
+    if os.geteuid() != 0:
+        pytest.fail("needs root: tasks drop to the task user, and cgroups are made by root")
+    executable = shutil.which("bwrap")
+    if executable is None:
+        pytest.fail("bwrap is not installed")
+    user = task_user()
+    assert user is not None
+    problem = bwrap_problem(executable, user)
+    if problem is not None:
+        pytest.fail(problem)
+    return user
+
+
+@dataclass
+class Jobs:
+    """Job folders like the agent's: root-owned and passable, a directory per task inside."""
+
+    root: Path
+    mark: str
+    made: int = 0
+    runners: list[BwrapRunner] = field(default_factory=list)
+
+    def workdir(self, job: str) -> Path:
+        self.made += 1
+        folder = self.root / job
+        folder.mkdir(mode=0o711, exist_ok=True)
+        path = folder / f"{self.made}-1"
+        path.mkdir(mode=0o700)
+        return path
+
+
+@pytest.fixture
+def jobs(account: TaskUser) -> Iterator[Jobs]:
+    root = Path(tempfile.mkdtemp(prefix="pm-warm-test-"))
+    root.chmod(0o711)
+    made = Jobs(root, f"pm-warm-{uuid.uuid4().hex}")
+    try:
+        yield made
+    finally:
+        for runner in made.runners:
+            runner.close()
+        kill_leftovers(made.mark)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def drive(
+    jobs: Jobs,
+    user: TaskUser,
+    mode: WarmMode,
+    body: Callable[[BwrapRunner], Awaitable[None]],
+    idle_s: float = 30,
+) -> None:
+    """Run ``body`` with a runner in one event loop, the runner closed in that loop at the end."""
+
+    async def go() -> None:
+        runner = make_runner(jobs, user, mode, idle_s)
+        try:
+            await body(runner)
+        finally:
+            runner.close()
+
+    asyncio.run(go())
+
+
+def make_runner(jobs: Jobs, user: TaskUser, mode: WarmMode, idle_s: float = 30) -> BwrapRunner:
+    runner = BwrapRunner(user=user, cgroups=detect_cgroups(), warm=mode, warm_idle_s=idle_s)
+    jobs.runners.append(runner)
+    assert runner.warm is not None, "no warm sandboxes: no cgroups or no Python under /usr"
+    return runner
+
+
+def launch(
+    jobs: Jobs,
+    job: str,
+    script: str,
+    size: int = 10,
+    limits: Limits | None = None,
+    timeout: float = 20,
+) -> TaskLaunch:
+    return TaskLaunch(
+        ("sh", "-c", f"{script} # {jobs.mark}"),
+        {"JOB": job},
+        jobs.workdir(job),
+        timeout=timeout,
+        limits=limits or Limits(memory=256 * MIB, cpus=1),
+        share=job,
+        share_size=size,
+    )
+
+
+async def run(
+    runner: BwrapRunner,
+    task_launch: TaskLaunch,
+    during: Callable[[RunningTask, list[bytes]], Awaitable[None]] | None = None,
+) -> tuple[TaskOutcome, str]:
+    chunks: list[bytes] = []
+    task = await runner.start(task_launch, chunks.append)
+    if during is not None:
+        await during(task, chunks)
+    outcome = await task.wait()
+    return outcome, b"".join(chunks).decode(errors="replace")
+
+
+def cgroup_dirs(runner: BwrapRunner) -> list[Path]:
+    """The cgroups the runner has made and not yet removed, in every hierarchy."""
+    assert runner.cgroups is not None
+    v1, v2 = own_cgroups(Path("/proc/self/cgroup").read_text())
+    parents = [CGROUP_ROOT / c / path.lstrip("/") for c, path in v1.items()]
+    if v2 is not None:
+        parents.append(CGROUP_ROOT / v2.lstrip("/"))
+    bases = [parent / runner.cgroups.tag for parent in parents]
+    return sorted(d for base in bases if base.is_dir() for d in base.iterdir() if d.is_dir())
+
+
+def sandboxes(runner: BwrapRunner) -> list[WarmSandbox]:
+    assert runner.warm is not None
+    return runner.warm.sandboxes()
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def test_tasks_of_a_job_share_one_warm_sandbox_each_in_its_own_directory(
+    jobs: Jobs, account: TaskUser
+) -> None:
+    async def scenario(runner: BwrapRunner) -> None:
+        # The job's first task runs in a fresh sandbox while its warm one is made.
+        outcome, output = await run(runner, launch(jobs, "job-a", "cat /proc/1/cmdline"))
+        assert outcome.reason is EndReason.EXITED and outcome.exit_code == 0, output
+        assert LAUNCHER_INSIDE not in output
+        await until(lambda: any(s.ready for s in sandboxes(runner)), "the warm sandbox")
+        [sandbox] = sandboxes(runner)
+        first = launch(jobs, "job-a", 'echo "$PWD $HOME $JOB"; echo shared > /tmp/note')
+        second = launch(
+            jobs,
+            "job-a",
+            "cat /tmp/note; tr '\\0' ' ' < /proc/1/cmdline; echo; ls /work 2>&1; true",
+        )
+        outcome, output = await run(runner, first)
+        assert outcome.exit_code == 0, output
+        inside = f"/work/{first.workdir.name}"
+        assert output.split() == [inside, inside, "job-a"]
+        outcome, output = await run(runner, second)
+        assert outcome.exit_code == 0, output
+        lines = output.splitlines()
+        assert lines[0] == "shared"  # the same /tmp: the same sandbox
+        assert LAUNCHER_INSIDE in lines[1]  # its PID 1 is the launcher
+        assert "Permission denied" in output  # /work lists no one's directories
+        assert sandboxes(runner) == [sandbox] and sandbox.launcher_pid is not None
+        assert psutil.Process(sandbox.launcher_pid).is_running()
+        # Single-task jobs do not get one in auto mode.
+        outcome, _ = await run(runner, launch(jobs, "job-single", "true", size=1))
+        assert outcome.exit_code == 0 and len(sandboxes(runner)) == 1
+
+    drive(jobs, account, WarmMode.AUTO, scenario)
+
+
+def test_different_jobs_never_share_a_sandbox(jobs: Jobs, account: TaskUser) -> None:
+    async def scenario(runner: BwrapRunner) -> None:
+        outcome, output = await run(runner, launch(jobs, "job-a", "echo from-a > /tmp/note"))
+        assert outcome.exit_code == 0, output
+        other = launch(jobs, "job-b", "cat /tmp/note; echo $PWD; ls -d /work/*")
+        outcome, output = await run(runner, other)
+        assert outcome.exit_code != 0
+        assert "from-a" not in output and "No such file" in output
+        assert len(sandboxes(runner)) == 2
+        # Job A's work directories are not even there for job B.
+        spy = launch(jobs, "job-b", f"cat /work/{jobs.made - 1}-1/* 2>&1; ls /work/1-1 2>&1")
+        outcome, output = await run(runner, spy)
+        assert "No such file" in output, output
+
+    drive(jobs, account, WarmMode.ALWAYS, scenario)
+
+
+def test_a_warm_task_keeps_its_own_cgroup_limits_and_exit_status(
+    jobs: Jobs, account: TaskUser
+) -> None:
+    async def scenario(runner: BwrapRunner) -> None:
+        outcome, output = await run(runner, launch(jobs, "job", "cat /proc/self/cgroup"))
+        assert outcome.exit_code == 0
+        [sandbox] = sandboxes(runner)
+        assert sandbox.launcher_pid is not None
+        launcher_cgroups = set(Path(f"/proc/{sandbox.launcher_pid}/cgroup").read_text().split())
+        task_cgroups = {line for line in output.split() if "memory" in line}
+        assert task_cgroups and not task_cgroups & launcher_cgroups, (output, launcher_cgroups)
+
+        hog = launch(
+            jobs,
+            "job",
+            "python3 -c 'x = bytearray(200 * 2**20); print(len(x))'",
+            limits=Limits(memory=64 * MIB, cpus=1),
+        )
+        outcome, output = await run(runner, hog)
+        assert outcome.reason is EndReason.OOM, (outcome, output)
+
+        # It holds no descriptor of the launcher's: stdin, the output pipe, nothing more.
+        outcome, output = await run(runner, launch(jobs, "job", "ls /proc/$$/fd"))
+        assert output.split() == ["0", "1", "2"], output
+
+        outcome, _ = await run(runner, launch(jobs, "job", "exit 3"))
+        assert (outcome.reason, outcome.exit_code) == (EndReason.EXITED, 3)
+        outcome, _ = await run(runner, launch(jobs, "job", "kill -TERM $$"))
+        assert (outcome.reason, outcome.signal) == (EndReason.SIGNALLED, 15)
+        outcome, _ = await run(runner, launch(jobs, "job", "sleep 30", timeout=0.5))
+        assert outcome.reason is EndReason.TIMEOUT
+
+        missing = launch(jobs, "job", "")
+        missing = TaskLaunch(("no-such-command",), {}, missing.workdir, 10, share="job")
+        with pytest.raises(SandboxError, match="no-such-command: No such file or directory"):
+            await run(runner, missing)
+        assert sandboxes(runner) == [sandbox] and sandbox.ready  # none of it hurt the sandbox
+
+    drive(jobs, account, WarmMode.ALWAYS, scenario)
+
+
+def test_cancel_kills_a_warm_tasks_daemonised_children_and_leaves_its_neighbours(
+    jobs: Jobs, account: TaskUser
+) -> None:
+    async def scenario(runner: BwrapRunner) -> None:
+        neighbour = await runner.start(launch(jobs, "job", "sleep 30"), lambda _: None)
+        daemon = f"sleep 301 # {jobs.mark}-daemon"
+
+        async def cancel_once_daemonised(task: RunningTask, chunks: list[bytes]) -> None:
+            await until(lambda: b"forked" in b"".join(chunks), "the daemon")
+            assert processes_with(f"{jobs.mark}-daemon")
+            task.cancel("the test cancels it")
+
+        script = f"setsid sh -c '{daemon}' & echo forked; sleep 30"
+        outcome, _ = await run(runner, launch(jobs, "job", script), cancel_once_daemonised)
+        assert outcome.reason is EndReason.CANCELLED
+        assert processes_with(f"{jobs.mark}-daemon") == []
+        # Its neighbour in the same sandbox runs on.
+        await asyncio.sleep(0)
+        neighbour.cancel("done")
+        assert (await neighbour.wait()).reason is EndReason.CANCELLED
+
+    drive(jobs, account, WarmMode.ALWAYS, scenario)
+
+
+def test_no_task_can_kill_or_trace_the_launcher(jobs: Jobs, account: TaskUser) -> None:
+    async def scenario(runner: BwrapRunner) -> None:
+        attack = (
+            "for s in KILL TERM INT HUP QUIT USR1; do kill -$s 1; done; kill -9 -1;"
+            " ls /proc/1/fd; cat /proc/1/environ; echo survived"
+        )
+        outcome, output = await run(runner, launch(jobs, "job", attack))
+        [sandbox] = sandboxes(runner)
+        assert "Permission denied" in output  # non-dumpable: its fds and memory are closed
+        outcome, output = await run(runner, launch(jobs, "job", "echo still-warm"))
+        assert outcome.exit_code == 0 and output == "still-warm\n"
+        assert sandboxes(runner) == [sandbox] and sandbox.ready
+
+    drive(jobs, account, WarmMode.ALWAYS, scenario)
+
+
+def test_an_idle_warm_sandbox_closes_and_leaves_nothing_behind(
+    jobs: Jobs, account: TaskUser
+) -> None:
+    async def scenario(runner: BwrapRunner) -> None:
+        outcome, _ = await run(runner, launch(jobs, "job", "true"))
+        assert outcome.exit_code == 0
+        [sandbox] = sandboxes(runner)
+        assert sandbox.launcher_pid is not None
+        launcher = psutil.Process(sandbox.launcher_pid)
+        await until(lambda: not sandboxes(runner), "the idle sandbox to close")
+        await until(lambda: not launcher.is_running(), "the launcher to die")
+        assert cgroup_dirs(runner) == []  # the launcher's and the task's: all removed
+        # A later task of the job gets a new one.
+        outcome, _ = await run(runner, launch(jobs, "job", "true"))
+        assert outcome.exit_code == 0 and len(sandboxes(runner)) == 1
+
+    drive(jobs, account, WarmMode.ALWAYS, scenario, idle_s=0.3)
+
+
+def test_closing_the_runner_kills_warm_sandboxes_and_their_tasks(
+    jobs: Jobs, account: TaskUser
+) -> None:
+    async def scenario(runner: BwrapRunner) -> None:
+        task = await runner.start(launch(jobs, "job", "sleep 300"), lambda _: None)
+        [sandbox] = sandboxes(runner)
+        assert sandbox.launcher_pid is not None
+        launcher = psutil.Process(sandbox.launcher_pid)
+        runner.close()
+        outcome = await asyncio.wait_for(task.wait(), 10)
+        assert outcome.reason is EndReason.SIGNALLED
+        assert "warm sandbox" in outcome.message
+        await until(lambda: not launcher.is_running(), "the launcher to die")
+        assert processes_with(jobs.mark) == []
+        assert cgroup_dirs(runner) == []
+
+    drive(jobs, account, WarmMode.ALWAYS, scenario)
+
+
+def test_warm_sandboxes_off_or_without_cgroups_mean_a_fresh_sandbox_per_task(
+    jobs: Jobs, account: TaskUser
+) -> None:
+    off = BwrapRunner(user=account, cgroups=detect_cgroups(), warm=WarmMode.OFF)
+    jobs.runners.append(off)
+    plain = BwrapRunner(user=account, warm=WarmMode.ALWAYS)  # no cgroups: no whole-task kill
+    jobs.runners.append(plain)
+    for runner in (off, plain):
+        assert runner.warm is None
+        assert "fresh sandbox per task" in runner.describe()
+
+        async def scenario(runner: BwrapRunner = runner) -> None:
+            outcome, output = await run(runner, launch(jobs, "job", "cat /proc/1/cmdline"))
+            assert outcome.exit_code == 0 and LAUNCHER_INSIDE not in output
+
+        asyncio.run(scenario())
+    assert "warm sandbox per job" in make_runner(jobs, account, WarmMode.AUTO).describe()
+
+
+def test_many_warm_tasks_at_once_each_get_their_own_result(jobs: Jobs, account: TaskUser) -> None:
+    async def scenario(runner: BwrapRunner) -> None:
+        launches = [launch(jobs, "job", f"echo $PWD; exit {i % 7}") for i in range(40)]
+        results = await asyncio.gather(*(run(runner, one) for one in launches))
+        for i, (one, (outcome, output)) in enumerate(zip(launches, results, strict=True)):
+            assert outcome.exit_code == i % 7, (outcome, output)
+            assert output == f"/work/{one.workdir.name}\n"
+        assert len(sandboxes(runner)) == 1
+
+    drive(jobs, account, WarmMode.ALWAYS, scenario)

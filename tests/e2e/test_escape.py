@@ -30,6 +30,7 @@ from helpers import kill_leftovers, output_of, processes_with, wait_for, wait_jo
 from planetary_mesh.client import Client
 from planetary_mesh.config import AgentPaths
 from planetary_mesh.protocol import JobSubmit, TaskInfo
+from planetary_mesh.sandbox.warm import LAUNCHER_INSIDE
 from planetary_mesh.testing import LocalMesh
 
 pytestmark = pytest.mark.e2e
@@ -62,13 +63,26 @@ def _probe(body: str, *args: str) -> list[str]:
     return ["python3", "-c", _PRELUDE + textwrap.dedent(body), *args]
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+# Every attack runs twice: in a fresh sandbox of its own, and in its job's warm sandbox (the
+# agents' --warm-sandboxes always), where a launcher forked it; both must hold alike.
+SANDBOX_MODES = ["fresh", "warm"]
+_WARM_FLAG = {"fresh": "off", "warm": "always"}
+
+
+@pytest.fixture(scope="module", params=SANDBOX_MODES)
+def mesh(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalMesh]:
     local = LocalMesh(
         tmp_path_factory.mktemp("escape"),
         agents=2,
         agent_cpus=2,
-        agent_args=("--task-disk", f"{TASK_DISK // MiB}M"),
+        agent_args=(
+            "--task-disk",
+            f"{TASK_DISK // MiB}M",
+            "--warm-sandboxes",
+            _WARM_FLAG[request.param],
+        ),
     )
     with local:
         yield local
@@ -82,6 +96,11 @@ def marker() -> Iterator[str]:
         yield word
     finally:
         kill_leftovers(word)
+
+
+def sandbox_mode(mesh: LocalMesh) -> str:
+    """ "fresh" or "warm": how the mesh's agents run tasks."""
+    return "warm" if "always" in mesh.agent_args else "fresh"
 
 
 def _submit(client: Client, argv: list[str], **options: Any) -> str:
@@ -441,7 +460,7 @@ def test_a_task_cannot_mount_unshare_ptrace_outside_or_gain_root_from_setuid(
                 attempt(f"signal {pid}", lambda pid=pid: os.kill(pid, 0))
                 attempt(f"mem {pid}", lambda pid=pid: open(f"/proc/{pid}/mem", "rb").read(1))
             results["procs"] = {
-                p: open(f"/proc/{p}/cmdline", "rb").read().split(b"\\0")[0].decode()
+                p: open(f"/proc/{p}/cmdline", "rb").read().replace(b"\\0", b" ").decode()
                 for p in os.listdir("/proc")
                 if p.isdigit() and os.path.exists(f"/proc/{p}/cmdline")
             }
@@ -469,9 +488,14 @@ def test_a_task_cannot_mount_unshare_ptrace_outside_or_gain_root_from_setuid(
     for pid in agent_pids:
         _assert_blocked(results, f"ptrace {pid}", f"signal {pid}", f"mem {pid}")
         assert "No such process" in results[f"ptrace {pid}"]
-    # /proc shows the sandbox's own init and the task's processes, nothing of the host.
-    procs: dict[str, str] = results["procs"]
-    assert procs.pop("1").endswith("bwrap"), procs
+    # /proc shows the sandbox's own init (bwrap's, or a warm sandbox's launcher) and the task's
+    # processes, nothing of the host.
+    procs = {pid: cmdline.split()[0] for pid, cmdline in results["procs"].items()}
+    init = results["procs"]["1"]
+    if sandbox_mode(mesh) == "fresh":
+        assert procs.pop("1").endswith("bwrap"), procs
+    else:
+        assert LAUNCHER_INSIDE in init and procs.pop("1").endswith("python3"), init
     assert set(procs.values()) <= {"python3"}, procs
     assert all(int(pid) < 100 for pid in procs), procs
     _assert_healthy(mesh, client)
@@ -520,15 +544,20 @@ time.sleep(120)
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the probe injects x86-64 code")
+@pytest.mark.parametrize("mode", SANDBOX_MODES)
 def test_a_task_cannot_ptrace_its_init_to_outlive_a_kill9_of_its_agent(
-    tmp_path: Path, marker: str
+    tmp_path: Path, marker: str, mode: str
 ) -> None:
     """A kill -9 of the agent takes its sandboxes down (DESIGN.md §5 "Kill"), so a lost node
     leaves no copy of its work running. bwrap's init runs as the task user, dumpable, in the
     task's namespace: a task may ptrace it and switch off its die-with-parent signal (that stays
     inside the task's own sandbox). The agent's root watchdog, outside every sandbox, kills the
     task's cgroup when the agent dies, so the task goes down all the same."""
-    with LocalMesh(tmp_path, agents=1, agent_cpus=1) as own, own.client() as client:
+    warm = ("--warm-sandboxes", _WARM_FLAG[mode])
+    with (
+        LocalMesh(tmp_path, agents=1, agent_cpus=1, agent_args=warm) as own,
+        own.client() as client,
+    ):
         job_id = _submit(client, _probe(_INJECT, marker), timeout=120.0)
         wait_for(lambda: "ptrace init" in output_of(client, job_id, 0), 30, "the probe's report")
         results = json.loads(output_of(client, job_id, 0).strip().splitlines()[-1])
@@ -748,7 +777,7 @@ def test_an_input_file_cannot_plant_a_setuid_binary(mesh: LocalMesh, client: Cli
             "sh",
             "-c",
             "cp /usr/bin/id ./myid && chmod 4755 ./myid; ./myid -u; ls -ln myid | cut -d' ' -f1,3;"
-            " grep \" $PWD \" /proc/self/mountinfo | cut -d' ' -f6",
+            " findmnt -no OPTIONS -T .",
         ],
         files={"note.txt": base64.b64encode(b"inputs land here\n").decode()},
     )

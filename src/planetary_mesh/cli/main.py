@@ -165,12 +165,12 @@ def agent(
     from planetary_mesh.agent.join import join, joined_state
     from planetary_mesh.sandbox.runner import default_runner
 
+    if warm_sandboxes not in ("auto", "always", "off"):
+        raise ConfigError(f"bad --warm-sandboxes {warm_sandboxes!r}: use auto, always or off")
     _daemon_logging()
     disk = parse_size(task_disk)
     paths = AgentPaths(data_dir or default_data_dir("agent"))
     node_name = name or socket.gethostname()
-    if warm_sandboxes not in ("auto", "always", "off"):
-        raise ConfigError(f"bad --warm-sandboxes {warm_sandboxes!r}: use auto, always or off")
     runner = default_runner(allow_unsandboxed=no_sandbox, warm=warm_sandboxes)
     state = joined_state(paths)
     if state is None:

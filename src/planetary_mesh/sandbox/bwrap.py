@@ -1,5 +1,6 @@
 """Tasks inside bubblewrap: their own PID, network, IPC and mount namespaces, the host's /usr read
-only, the work directory at /work, and nothing else of the host (DESIGN.md §5).
+only, the work directory at /work/<its name>, and nothing else of the host (DESIGN.md §5). Each
+task in a fresh sandbox of its own, or in its job's warm sandbox (warm.py, ADR 8).
 
 How the whole tree is killed and known to be gone: bwrap's first child is the init (PID 1) of the
 task's PID namespace. When that init dies the kernel kills every process in the namespace, and

@@ -362,3 +362,33 @@ def test_many_warm_tasks_at_once_each_get_their_own_result(jobs: Jobs, account: 
         assert len(sandboxes(runner)) == 1
 
     drive(jobs, account, WarmMode.ALWAYS, scenario)
+
+
+def test_a_full_pool_makes_room_by_closing_an_idle_jobs_sandbox(
+    jobs: Jobs, account: TaskUser
+) -> None:
+    runner = BwrapRunner(
+        user=account, cgroups=detect_cgroups(), warm=WarmMode.ALWAYS, warm_pool_size=2
+    )
+    jobs.runners.append(runner)
+
+    async def scenario() -> None:
+        try:
+            for job in ("job-1", "job-2", "job-3"):
+                outcome, output = await run(runner, launch(jobs, job, "cat /proc/1/cmdline"))
+                assert outcome.exit_code == 0 and LAUNCHER_INSIDE in output, (job, output)
+            assert sorted(s.jobdir.name for s in sandboxes(runner)) == ["job-2", "job-3"]
+            # A busy job's sandbox is never closed for another: that one starts fresh.
+            busy = [
+                await runner.start(launch(jobs, j, "sleep 30"), lambda _: None)
+                for j in ("job-2", "job-3")
+            ]
+            outcome, output = await run(runner, launch(jobs, "job-4", "cat /proc/1/cmdline"))
+            assert outcome.exit_code == 0 and LAUNCHER_INSIDE not in output, output
+            for task in busy:
+                task.cancel("done")
+                await task.wait()
+        finally:
+            runner.close()
+
+    asyncio.run(scenario())

@@ -54,6 +54,7 @@ from planetary_mesh.sandbox.user import TaskUser
 from planetary_mesh.sandbox.warm import (
     LAUNCHER,
     LAUNCHER_INSIDE,
+    MAX_WARM_SANDBOXES,
     WARM_IDLE_S,
     WarmMode,
     WarmPool,
@@ -82,6 +83,7 @@ class BwrapRunner:
         cgroups: CgroupBackend | None = None,
         warm: WarmMode = WarmMode.AUTO,
         warm_idle_s: float = WARM_IDLE_S,
+        warm_pool_size: int = MAX_WARM_SANDBOXES,
     ) -> None:
         found = executable or shutil.which("bwrap")
         if found is None:
@@ -99,7 +101,15 @@ class BwrapRunner:
         self.warm = (
             None
             if python is None or cgroups is None or warm is WarmMode.OFF
-            else WarmPool(warm, python, self.warm_command, cgroups, self.executable, warm_idle_s)
+            else WarmPool(
+                warm,
+                python,
+                self.warm_command,
+                cgroups,
+                self.executable,
+                warm_idle_s,
+                warm_pool_size,
+            )
         )
 
     def close(self) -> None:

@@ -66,7 +66,8 @@ log = logging.getLogger(__name__)
 LAUNCHER = Path(__file__).with_name("warm_launcher.py")
 LAUNCHER_INSIDE = "/run/planetary-mesh/launcher.py"  # where the sandbox shows it, read only
 WARM_IDLE_S = 5.0  # a warm sandbox whose job has had no task here for this long is closed
-MAX_WARM_SANDBOXES = 8  # at once per agent; more jobs at once get fresh sandboxes
+MAX_WARM_SANDBOXES = 8  # at once per agent; more busy jobs at once get fresh sandboxes
+MAX_START_FAILURES = 3  # in a row, before the agent gives up on warm sandboxes
 # The launcher itself: a small Python, and the children it forked but the agent has not yet
 # moved to their own cgroups.
 LAUNCHER_LIMITS = Limits(memory=128 * 1024 * 1024, pids=256)
@@ -124,7 +125,7 @@ class WarmSandbox:
         self._control: socket.socket | None = None
         self._exits: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
-        self._active = 0
+        self.active = 0  # tasks starting or running in it
         self._idle_timer: asyncio.TimerHandle | None = None
         self.starting: asyncio.Task[None] | None = None  # set by the pool
 
@@ -195,10 +196,12 @@ class WarmSandbox:
         exited: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._exits[task_id] = exited
         self._task_started()
-        out_read, out_write = os.pipe()
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        out_read = -1
+        mine: socket.socket | None = None
         started = False
         try:
+            out_read, out_write = os.pipe()
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             mine.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             mine.setblocking(False)
             try:
@@ -216,9 +219,11 @@ class WarmSandbox:
             started = True
             return _WarmTask(launch, running, pipes, transport, group, exited, self)
         finally:
-            mine.close()
+            if mine is not None:
+                mine.close()
             if not started:
-                os.close(out_read)
+                if out_read >= 0:
+                    os.close(out_read)
                 self._exits.pop(task_id, None)
                 abandon(group)  # kills the forked child, if there is one
                 self.task_done()
@@ -273,23 +278,23 @@ class WarmSandbox:
                 waiter.set_result(record)
 
     def _task_started(self) -> None:
-        self._active += 1
+        self.active += 1
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
 
     def task_done(self) -> None:
-        self._active -= 1
+        self.active -= 1
         self._arm_idle_timer()
 
     def _arm_idle_timer(self) -> None:
-        if self._active == 0 and not self.closed and self._idle_timer is None:
+        if self.active == 0 and not self.closed and self._idle_timer is None:
             loop = asyncio.get_running_loop()
             self._idle_timer = loop.call_later(self._idle_s, self._close_if_idle)
 
     def _close_if_idle(self) -> None:
         self._idle_timer = None
-        if self._active == 0:
+        if self.active == 0:
             self.close()
 
     def close(self) -> None:
@@ -407,6 +412,7 @@ class WarmPool:
     ) -> None:
         self.mode = mode
         self.python = python
+        self._failures = 0  # starts that failed in a row
         self.enabled = True
         self._command = command
         self._cgroups = cgroups
@@ -430,6 +436,8 @@ class WarmPool:
         jobdir = launch.workdir.parent
         key = (launch.share, launch.network, jobdir)
         sandbox = self._sandboxes.get(key)
+        if sandbox is None:
+            self._make_room()
         if sandbox is None and len(self._sandboxes) < self._size:
             sandbox = WarmSandbox(
                 jobdir,
@@ -456,21 +464,37 @@ class WarmPool:
             return None
 
     async def _start(self, sandbox: WarmSandbox) -> None:
-        """Make ``sandbox``; raises nothing but CancelledError. A sandbox that cannot be made
+        """Make ``sandbox``; raises nothing but CancelledError. Failing to make several in a row
         turns warm sandboxes off for this runner: the next would most likely fail alike."""
         try:
             await sandbox.start()
         except Exception as error:
+            self._failures += 1
+            sandbox.close()
+            if self._failures < MAX_START_FAILURES:
+                log.warning("could not make a warm sandbox: %s; the task starts fresh", error)
+                return
             log.warning(
-                "warm sandboxes are off on this agent: %s. Every task gets a fresh sandbox,"
-                " which is slower to start but as safe.",
+                "warm sandboxes are off on this agent: %s (%d times in a row). Every task gets"
+                " a fresh sandbox, which is slower to start but as safe.",
                 error,
+                self._failures,
             )
             self.enabled = False
-            sandbox.close()
         except BaseException:
             sandbox.close()
             raise
+        else:
+            self._failures = 0
+
+    def _make_room(self) -> None:
+        """When the pool is full, close the sandbox of a job with no task here right now."""
+        if len(self._sandboxes) < self._size:
+            return
+        for sandbox in self._sandboxes.values():
+            if sandbox.active == 0 and sandbox.ready:
+                sandbox.close()  # forgets itself
+                return
 
     def _forget(self, sandbox: WarmSandbox) -> None:
         for key, held in list(self._sandboxes.items()):

@@ -82,6 +82,21 @@ class TokenCreate(Strict):
     uses: int | None = Field(default=1, ge=1, le=1_000_000)  # None: unlimited
 
 
+class NewToken(Strict):
+    token: str  # PMTKN-1-<CA hash>-<secret>: shown once, never stored
+    id: str  # for `mesh token revoke`
+
+
+class TokenInfo(Strict):
+    """A join token as `mesh token list` shows it: never its secret, which is not stored."""
+
+    id: str
+    created_at: float
+    expires_at: float
+    uses_left: int | None  # None: unlimited
+    state: str  # active, expired, used up, revoked
+
+
 class JoinRequest(Strict):
     token: str = Field(max_length=256)
     csr: str = Field(max_length=16384)

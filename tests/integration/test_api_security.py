@@ -35,6 +35,7 @@ from planetary_mesh.config import (
 from planetary_mesh.errors import (
     CAMismatchError,
     CoordinatorUnreachable,
+    NotFound,
     RequestRejected,
     TokenError,
 )
@@ -509,6 +510,62 @@ def test_a_token_with_two_uses_lets_exactly_two_agents_join(
     with pytest.raises(TokenError, match="used up"):
         join(fresh_coordinator.url, token, "three", AgentPaths(tmp_path / "three"))
     assert node_ids(fresh_coordinator) == sorted([first, second])
+
+
+def test_tokens_are_listed_by_state_and_a_revoked_one_is_refused(
+    fresh_coordinator: Coordinator, mesh_cli: MeshCli, agent_paths: AgentPaths, tmp_path: Path
+) -> None:
+    config = ("--config", str(fresh_coordinator.client_config))
+    made = mesh_cli("token", "create", "--ttl", "10m", *config)
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    token_id = made.stderr.split("token id ")[1].split()[0]
+    with admin_client(fresh_coordinator) as admin:
+        used = admin.new_token(ttl=600, uses=1)
+        unlimited = admin.new_token(ttl=600, uses=None)
+        expired = admin.new_token(ttl=0.001, uses=1)
+    join(fresh_coordinator.url, used.token, "used", AgentPaths(tmp_path / "used"))
+    wait_past(time.time() + 0.001)
+
+    revoked = mesh_cli("token", "revoke", token_id, *config)
+    assert revoked.returncode == 0, revoked.stderr
+    assert f"token {token_id} revoked" in revoked.stdout
+    before = node_ids(fresh_coordinator)
+    with pytest.raises(TokenError, match="revoked"):
+        join(fresh_coordinator.url, token, "too-late", agent_paths)
+    assert node_ids(fresh_coordinator) == before
+
+    listed = mesh_cli("token", "list", "-o", "json", *config)
+    assert listed.returncode == 0, listed.stderr
+    states = {t["id"]: (t["state"], t["uses_left"]) for t in json.loads(listed.stdout)}
+    assert states == {
+        token_id: ("revoked", 1),
+        used.id: ("used up", 0),
+        unlimited.id: ("active", None),
+        expired.id: ("expired", 1),
+    }
+    for secret in (token, used.token, unlimited.token, expired.token):  # never shown again
+        assert tokens.parse_join_token(secret).secret not in listed.stdout
+    table = mesh_cli("token", "list", *config)
+    assert table.returncode == 0 and "unlimited" in table.stdout and "revoked" in table.stdout
+
+
+def test_only_an_admin_lists_or_revokes_tokens_and_an_unknown_one_is_explained(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    with admin_client(coordinator) as admin:
+        made = admin.new_token(ttl=600)
+        with pytest.raises(NotFound, match="no join token 'nope'"):
+            admin.revoke_token("nope")
+    config = user_config(coordinator, "mallory", admin=False, directory=tmp_path)
+    with Client(load_client_config(config)) as mallory:
+        for call in (mallory.tokens, lambda: mallory.revoke_token(made.id)):
+            with pytest.raises(RequestRejected, match="only an admin") as refused:
+                call()
+            assert refused.value.status == 403
+    with admin_client(coordinator) as admin:
+        [listed] = [t for t in admin.tokens() if t.id == made.id]
+    assert listed.state == "active"
 
 
 def test_a_refused_csr_does_not_use_up_the_token(

@@ -15,8 +15,9 @@ import click
 import typer
 
 from planetary_mesh.cli import work
-from planetary_mesh.cli.common import ConfigOption, client_for, err_console
+from planetary_mesh.cli.common import err_console
 from planetary_mesh.cli.nodes import nodes_app
+from planetary_mesh.cli.tokens import token_app
 from planetary_mesh.config import (
     DEFAULT_PORT,
     AgentPaths,
@@ -35,7 +36,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-token_app = typer.Typer(help="Join tokens for new agents.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 app.add_typer(nodes_app, name="nodes")
 work.register(app)
@@ -114,20 +114,6 @@ def coordinator(
     )
     backoff = (parse_duration(retry_backoff), 60.0)
     asyncio.run(serve(paths, host, port, client_config, policy, backoff))
-
-
-@token_app.command("create")
-def token_create(
-    ttl: Annotated[str, typer.Option("--ttl", help="How long it stays valid.")] = "1h",
-    uses: Annotated[int, typer.Option("--uses", help="How many agents may join with it.")] = 1,
-    unlimited: Annotated[bool, typer.Option("--unlimited", help="Any number of uses.")] = False,
-    config: ConfigOption = None,
-) -> None:
-    """Print a join token: PMTKN-1-<CA hash>-<secret>."""
-    if uses < 1:
-        raise ConfigError(f"bad --uses {uses}: it must be at least 1 (or use --unlimited)")
-    with client_for(config) as client:
-        print(client.create_token(parse_duration(ttl), None if unlimited else uses))
 
 
 @app.command()

@@ -28,8 +28,10 @@ from planetary_mesh.protocol import (
     JobInfo,
     JobSubmit,
     LogChunk,
+    NewToken,
     NodeInfo,
     OutputFile,
+    TokenInfo,
 )
 
 M = TypeVar("M", bound=BaseModel)
@@ -109,7 +111,18 @@ class Client:
         return dict(self._request("GET", "/healthz"))
 
     def create_token(self, ttl: float = 3600.0, uses: int | None = 1) -> str:
-        return str(self._request("POST", "/v1/tokens", json={"ttl": ttl, "uses": uses})["token"])
+        """A new join token (``uses`` None: unlimited)."""
+        return self.new_token(ttl, uses).token
+
+    def new_token(self, ttl: float = 3600.0, uses: int | None = 1) -> NewToken:
+        """A new join token with its id, for `mesh token revoke`."""
+        return self._model(NewToken, "POST", "/v1/tokens", json={"ttl": ttl, "uses": uses})
+
+    def tokens(self) -> list[TokenInfo]:
+        return self._models(TokenInfo, "GET", "/v1/tokens")
+
+    def revoke_token(self, token_id: str) -> TokenInfo:
+        return self._model(TokenInfo, "POST", f"/v1/tokens/{_segment(token_id)}/revoke")
 
     def submit(self, job: JobSubmit) -> JobInfo:
         return self._model(JobInfo, "POST", "/v1/jobs", json=job.model_dump())

@@ -45,11 +45,13 @@ from planetary_mesh.protocol import (
     JoinRequest,
     JoinResponse,
     LogChunk,
+    NewToken,
     NodeInfo,
     OutputFile,
     Report,
     TaskInfo,
     TokenCreate,
+    TokenInfo,
 )
 
 log = logging.getLogger(__name__)
@@ -128,8 +130,17 @@ def create_app(service: CoordinatorService) -> FastAPI:
         return service.join(body)
 
     @app.post("/v1/tokens")
-    async def create_token(body: TokenCreate, _: Admin) -> dict[str, str]:
-        return {"token": service.create_token(body.ttl, body.uses)}
+    async def create_token(body: TokenCreate, _: Admin) -> NewToken:
+        token, token_id = service.create_token(body.ttl, body.uses)
+        return NewToken(token=token, id=token_id)
+
+    @app.get("/v1/tokens")
+    async def list_tokens(_: Admin) -> list[TokenInfo]:
+        return service.tokens()
+
+    @app.post("/v1/tokens/{token_id}/revoke")
+    async def revoke_token(token_id: str, who: Admin) -> TokenInfo:
+        return service.revoke_token(token_id)
 
     @app.post("/v1/jobs", status_code=201)
     async def submit(body: JobSubmit, who: User) -> JobInfo:

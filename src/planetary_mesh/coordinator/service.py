@@ -40,6 +40,7 @@ from planetary_mesh.protocol import (
     LogChunk,
     Report,
     Started,
+    TokenInfo,
 )
 from planetary_mesh.store.sqlite import SQLiteStore
 
@@ -103,12 +104,22 @@ class CoordinatorService:
 
     # -- tokens and joining -----------------------------------------------------------------
 
-    def create_token(self, ttl: float, uses: int | None) -> str:
+    def create_token(self, ttl: float, uses: int | None) -> tuple[str, str]:
+        """A new join token, and its id (for `mesh token revoke`)."""
         token = tokens.new_join_token(self.ca_hash)
         now = self.clock()
         token_id = secrets.token_hex(4)
         self.store.add_token(token_id, tokens.hash_secret(token.secret), now + ttl, uses, now)
-        return str(token)
+        return str(token), token_id
+
+    def tokens(self) -> list[TokenInfo]:
+        return [TokenInfo(**asdict(record)) for record in self.store.tokens(self.clock())]
+
+    def revoke_token(self, token_id: str) -> TokenInfo:
+        if not self.store.revoke_token(token_id):
+            raise NotFound(f"no join token {token_id!r}: `mesh token list` shows them")
+        log.warning("join token %s revoked", token_id)
+        return next(t for t in self.tokens() if t.id == token_id)
 
     def join(self, request: JoinRequest) -> JoinResponse:
         token = tokens.parse_join_token(request.token)

@@ -111,3 +111,14 @@ class Assignment:
     index: int
     attempt: int
     epoch: int
+
+
+@dataclass(frozen=True)
+class JoinTokenRecord:
+    """A join token as stored: never its secret, only a hash of it (not shown here)."""
+
+    id: str
+    created_at: float
+    expires_at: float
+    uses_left: int | None  # None: unlimited
+    state: str  # active, expired, used up, revoked

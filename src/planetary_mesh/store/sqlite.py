@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from planetary_mesh.core.liveness import retry_backoff
-from planetary_mesh.core.model import Assignment, Attempt, Event, Job, JobSpec, Node, Task
+from planetary_mesh.core.model import (
+    Assignment,
+    Attempt,
+    Event,
+    Job,
+    JobSpec,
+    JoinTokenRecord,
+    Node,
+    Task,
+)
 from planetary_mesh.core.scheduler import Demand, Placement
 from planetary_mesh.core.states import (
     AttemptState,
@@ -236,6 +245,30 @@ class SQLiteStore:
                 " VALUES (?, ?, ?, ?, ?)",
                 (token_id, secret_hash, now, expires_at, uses),
             )
+
+    def tokens(self, now: float) -> list[JoinTokenRecord]:
+        """Every join token, newest first, with its state at ``now``."""
+        found = []
+        for token_id, created_at, expires_at, uses_left, revoked in self._db.execute(
+            "SELECT id, created_at, expires_at, uses_left, revoked FROM tokens"
+            " ORDER BY created_at DESC, id"
+        ):
+            if revoked:
+                state = "revoked"
+            elif uses_left is not None and uses_left <= 0:
+                state = "used up"
+            elif expires_at <= now:
+                state = "expired"
+            else:
+                state = "active"
+            found.append(JoinTokenRecord(token_id, created_at, expires_at, uses_left, state))
+        return found
+
+    def revoke_token(self, token_id: str) -> bool:
+        """Refuse the token from now on; False if there is no such token."""
+        with self._tx() as db:
+            cursor = db.execute("UPDATE tokens SET revoked=1 WHERE id=?", (token_id,))
+            return cursor.rowcount > 0
 
     def consume_token(self, secret_hash: str, now: float) -> str | None:
         """Use the token once; the reason it cannot be used, or None when it was used."""

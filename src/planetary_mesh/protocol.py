@@ -82,6 +82,11 @@ class TokenCreate(Strict):
     uses: int | None = Field(default=1, ge=1, le=1_000_000)  # None: unlimited
 
 
+class NodeRemoved(Strict):
+    id: str
+    requeued: int  # tasks it was running, back in the queue
+
+
 class NewToken(Strict):
     token: str  # PMTKN-1-<CA hash>-<secret>: shown once, never stored
     id: str  # for `mesh token revoke`

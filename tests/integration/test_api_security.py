@@ -568,6 +568,20 @@ def test_only_an_admin_lists_or_revokes_tokens_and_an_unknown_one_is_explained(
     assert listed.state == "active"
 
 
+def test_only_an_admin_removes_a_node_and_an_unknown_one_is_explained(
+    coordinator: Coordinator, agent_paths: AgentPaths, tmp_path: Path
+) -> None:
+    node_id = join(coordinator.url, new_token(coordinator), "keeper", agent_paths)
+    config = user_config(coordinator, "mallory2", admin=False, directory=tmp_path)
+    with Client(load_client_config(config)) as mallory:
+        with pytest.raises(RequestRejected, match="only an admin") as refused:
+            mallory.remove_node(node_id)
+        assert refused.value.status == 403
+    assert node_id in node_ids(coordinator)
+    with admin_client(coordinator) as admin, pytest.raises(NotFound, match="no node 'n-nope'"):
+        admin.remove_node("n-nope")
+
+
 def test_a_refused_csr_does_not_use_up_the_token(
     coordinator: Coordinator, agent_paths: AgentPaths
 ) -> None:

@@ -681,3 +681,33 @@ def test_an_agent_may_only_report_on_its_own_attempts(store: SQLiteStore) -> Non
     assert task_of(store, "j1").state is TaskState.ASSIGNED
     assert store.record_started(a.task_id, a.attempt, a.epoch, NOW, node_id="n-mine")
     assert task_of(store, "j1").state is TaskState.RUNNING
+
+
+# -- removed nodes ------------------------------------------------------------------------------
+
+
+def test_removing_a_node_requeues_its_work_and_denies_its_certificate_until_it_expires(
+    db_path: Path,
+) -> None:
+    store = SQLiteStore(db_path)
+    store.add_node("n1", "desk", 4242, NOW)
+    store.add_node("n2", "laptop", 5151, NOW)
+    store.add_job("j", "u", spec(count=2), {}, NOW)
+    t0, t1 = store.tasks("j")
+    (mine,) = place(store, "n1", t0)
+    (theirs,) = place(store, "n2", t1)
+    serial, requeued = store.remove_node("n1", "node removed by admin", NOW + 1, until=NOW + 100)
+    assert (serial, requeued) == ("4242", 1)
+    assert [n.id for n in store.nodes()] == ["n2"] and not store.node_known("n1")
+    assert task_of(store, "j", mine.index).state is TaskState.PENDING
+    assert task_of(store, "j", theirs.index).node_id == "n2"  # another node's work is untouched
+    (attempt,) = store.attempts(mine.task_id)
+    assert (attempt.state, attempt.reason) == (AttemptState.LOST, "node removed by admin")
+    with pytest.raises(StoreError, match="no node 'n1'"):
+        store.remove_node("n1", "again", NOW + 2, until=NOW + 100)
+    store.close()
+
+    reopened = SQLiteStore(db_path)  # the deny-list is durable
+    assert reopened.denied_certs(NOW + 99) == [("4242", "node", "n1")]
+    assert reopened.denied_certs(NOW + 100) == []  # expired: the TLS layer refuses it anyway
+    reopened.close()

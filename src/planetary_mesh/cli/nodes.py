@@ -1,4 +1,4 @@
-"""`mesh nodes`: list the mesh's machines; drain and undrain them."""
+"""`mesh nodes`: list the mesh's machines; drain, undrain and remove them."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from planetary_mesh.errors import NotFound
 from planetary_mesh.units import format_duration, format_size, parse_duration
 
 nodes_app = typer.Typer(
-    help="List the mesh's nodes; drain or undrain one.", invoke_without_command=True
+    help="List the mesh's nodes; drain, undrain or remove one.", invoke_without_command=True
 )
 NodeArg = Annotated[str, typer.Argument(metavar="NODE", help="Node id or name.")]
 
@@ -90,3 +90,15 @@ def undrain(node: NodeArg, config: ConfigOption = None) -> None:
     with client_for(config) as client:
         info = client.undrain(_resolve(client, node))
     print(f"node {info.id} ({info.name}) is {info.state}")
+
+
+@nodes_app.command()
+def remove(node: NodeArg, config: ConfigOption = None) -> None:
+    """Take a node out of the mesh: its certificate is refused from now on, its tasks move."""
+    with client_for(config) as client:
+        removed = client.remove_node(_resolve(client, node))
+    print(
+        f"node {removed.id} removed; {removed.requeued} tasks back in the queue. Its certificate"
+        " is refused from now on: to bring the machine back, start its agent with a new data"
+        " dir and a new token (`mesh token create`)."
+    )

@@ -30,6 +30,7 @@ from planetary_mesh.protocol import (
     LogChunk,
     NewToken,
     NodeInfo,
+    NodeRemoved,
     OutputFile,
     TokenInfo,
 )
@@ -117,6 +118,9 @@ class Client:
     def new_token(self, ttl: float = 3600.0, uses: int | None = 1) -> NewToken:
         """A new join token with its id, for `mesh token revoke`."""
         return self._model(NewToken, "POST", "/v1/tokens", json={"ttl": ttl, "uses": uses})
+
+    def remove_node(self, node_id: str) -> NodeRemoved:
+        return self._model(NodeRemoved, "DELETE", f"/v1/nodes/{_segment(node_id)}")
 
     def tokens(self) -> list[TokenInfo]:
         return self._models(TokenInfo, "GET", "/v1/tokens")

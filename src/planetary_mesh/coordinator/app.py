@@ -47,6 +47,7 @@ from planetary_mesh.protocol import (
     LogChunk,
     NewToken,
     NodeInfo,
+    NodeRemoved,
     OutputFile,
     Report,
     TaskInfo,
@@ -62,7 +63,10 @@ _OPEN_PATHS = ("/healthz", "/v1/join")
 def identity(request: Request) -> certs.Identity:
     der = peer_cert_der(request.scope)
     assert der is not None  # the middleware refused requests without one
-    return certs.identity_of_der(der)
+    who = certs.identity_of_der(der)
+    service: CoordinatorService = request.app.state.service
+    service.check_not_denied(who)
+    return who
 
 
 def user(who: Annotated[certs.Identity, Depends(identity)]) -> certs.Identity:
@@ -200,6 +204,10 @@ def create_app(service: CoordinatorService) -> FastAPI:
         service.undrain(node_id, who.name)
         return _node(service, node_id)
 
+    @app.delete("/v1/nodes/{node_id}")
+    async def remove_node(node_id: str, who: Admin) -> NodeRemoved:
+        return NodeRemoved(id=node_id, requeued=service.remove_node(node_id, who.name))
+
     @app.websocket("/v1/agent/session")
     async def agent_session(websocket: WebSocket) -> None:
         await _serve_agent(service, websocket)
@@ -214,6 +222,9 @@ async def _serve_agent(service: CoordinatorService, websocket: WebSocket) -> Non
             raise TrustError("an agent session needs the agent's client certificate")
         node_id = service.check_peer_is_node(certs.identity_of_der(der))
     except TrustError as exc:
+        # Accepted first so that the agent reads the close code and reason: a close before the
+        # accept reaches it only as a bare HTTP 403, which it would keep retrying.
+        await websocket.accept()
         await websocket.close(code=4403, reason=str(exc)[:120])
         return
     await websocket.accept()

@@ -101,6 +101,12 @@ class CoordinatorService:
             node.id: node.drain_deadline for node in store.nodes() if node.draining
         }
         self._interval = self.policy.interval(self._live_nodes())
+        # Removed nodes' certificates, refused on every request until they expire.
+        self._denied_serials: set[int] = set()
+        self._denied_names: set[tuple[str, str]] = set()
+        for serial, kind, name in store.denied_certs(now):
+            self._denied_serials.add(int(serial))
+            self._denied_names.add((kind, name))
 
     # -- tokens and joining -----------------------------------------------------------------
 
@@ -384,6 +390,40 @@ class CoordinatorService:
         self.event("node_undrain", f"node {node_id} undrained by {by}", node_id=node_id)
         self.kick()
 
+    def remove_node(self, node_id: str, by: str) -> int:
+        """Take a node out of the mesh for good: its certificate is refused from now on, its
+        live session closes, its tasks go back to the queue. Returns how many went back."""
+        self._known_node(node_id)
+        now = self.clock()
+        # The node's certificate was issued at most one lifetime ago: deny it that long.
+        until = now + self.node_cert_lifetime.total_seconds()
+        serial, requeued = self.store.remove_node(node_id, f"node removed by {by}", now, until)
+        self._denied_serials.add(int(serial))
+        self._denied_names.add(("node", node_id))
+        session = self.sessions.pop(node_id, None)
+        if session is not None:
+            session.close()
+        self.liveness.pop(node_id, None)
+        self.draining.pop(node_id, None)
+        self.event(
+            "node_removed",
+            f"node {node_id} removed by {by}; {requeued} tasks back in the queue",
+            node_id=node_id,
+        )
+        self._retime()
+        self.kick()
+        return requeued
+
+    def check_not_denied(self, identity: certs.Identity) -> None:
+        """Refuse a certificate of a removed node (or, later, user) before it expires."""
+        if identity.serial in self._denied_serials or (
+            (identity.kind.value, identity.name) in self._denied_names
+        ):
+            raise TrustError(
+                f"this certificate ({identity.kind.value} {identity.name}) was revoked when its"
+                " holder was removed from the mesh; join again with a new token"
+            )
+
     def _known_node(self, node_id: str) -> None:
         if not self.store.node_known(node_id):
             raise NotFound(f"no node {node_id!r}: `mesh nodes` lists the nodes of this mesh")
@@ -516,6 +556,7 @@ class CoordinatorService:
     def check_peer_is_node(self, identity: certs.Identity) -> str:
         if identity.kind is not certs.PeerKind.NODE:
             raise TrustError("only agent certificates may open an agent session")
+        self.check_not_denied(identity)
         if not self.store.node_known(identity.name):
             raise TrustError(f"node {identity.name} is not a member of this mesh")
         return identity.name

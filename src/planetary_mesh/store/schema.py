@@ -112,4 +112,16 @@ MIGRATIONS: list[list[str]] = [
             message TEXT NOT NULL
         )""",
     ],
+    [
+        # Certificates refused before they expire: a removed node's (later a removed user's).
+        # Kept until the certificate would have expired; the TLS layer refuses it after that.
+        """CREATE TABLE denied_certs (
+            serial TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            name TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            denied_at REAL NOT NULL,
+            until REAL NOT NULL
+        )""",
+    ],
 ]

@@ -126,6 +126,31 @@ class SQLiteStore:
                 (node_id, name, NodeState.SUSPECT.value, str(cert_serial), now, now),
             )
 
+    def remove_node(self, node_id: str, reason: str, now: float, until: float) -> tuple[str, int]:
+        """Forget a node, deny its certificate until ``until`` and put its active attempts back
+        in the queue, in one commit. Returns its certificate serial and the tasks requeued."""
+        with self._tx() as db:
+            row = db.execute("SELECT cert_serial FROM nodes WHERE id=?", (node_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"no node {node_id!r}")
+            requeued = self.requeue_node_attempts(node_id, set(), reason, now)
+            db.execute(
+                "INSERT OR REPLACE INTO denied_certs (serial, kind, name, reason, denied_at, until)"
+                " VALUES (?, 'node', ?, ?, ?, ?)",
+                (row[0], node_id, reason, now, until),
+            )
+            db.execute("DELETE FROM nodes WHERE id=?", (node_id,))
+        return str(row[0]), len(requeued)
+
+    def denied_certs(self, now: float) -> list[tuple[str, str, str]]:
+        """(serial, kind, name) of every certificate still denied at ``now``."""
+        return [
+            (str(serial), str(kind), str(name))
+            for serial, kind, name in self._db.execute(
+                "SELECT serial, kind, name FROM denied_certs WHERE until > ?", (now,)
+            )
+        ]
+
     def node_known(self, node_id: str) -> bool:
         return self._db.execute("SELECT 1 FROM nodes WHERE id=?", (node_id,)).fetchone() is not None
 

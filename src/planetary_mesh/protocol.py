@@ -82,6 +82,14 @@ class TokenCreate(Strict):
     uses: int | None = Field(default=1, ge=1, le=1_000_000)  # None: unlimited
 
 
+class RenewRequest(Strict):
+    csr: str = Field(max_length=16384)  # a new key's request; only its public key is used
+
+
+class RenewResponse(Strict):
+    certificate: str  # PEM, for the same node id, a full lifetime from now
+
+
 class NodeRemoved(Strict):
     id: str
     requeued: int  # tasks it was running, back in the queue

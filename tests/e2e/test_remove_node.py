@@ -15,6 +15,7 @@ from helpers import kill_leftovers, output_of, wait_for, wait_job
 from websockets.exceptions import ConnectionClosed
 
 from planetary_mesh.config import AgentPaths
+from planetary_mesh.pki import certs
 from planetary_mesh.pki.tls import client_ssl_context
 from planetary_mesh.protocol import JobSubmit
 from planetary_mesh.testing import LocalMesh
@@ -24,10 +25,13 @@ pytestmark = pytest.mark.e2e
 
 def _refusal_of(mesh: LocalMesh, agent: AgentPaths) -> tuple[int, str, int, str]:
     """What the coordinator answers the agent's certificate: to an API call (status, message)
-    and to an agent session (close code, reason)."""
+    and to an agent session (close code, reason). Renewing it is refused too."""
     context = client_ssl_context(agent.ca_cert.read_bytes(), agent.cert, agent.key)
     with httpx.Client(base_url=mesh.url, verify=context, timeout=10) as http:
         response = http.get("/v1/nodes")
+        csr = certs.make_csr(certs.generate_key(), "agent-1").decode()
+        renewal = http.post("/v1/agent/renew", json={"csr": csr})
+    assert renewal.status_code == 403 and "revoked" in renewal.json()["error"]
     ws_url = mesh.url.replace("https://", "wss://") + "/v1/agent/session"
     with websockets.sync.client.connect(ws_url, ssl=context, open_timeout=10) as session:
         try:

@@ -13,6 +13,7 @@ import base64
 import contextlib
 import json
 import logging
+import random
 import shutil
 import signal
 import tempfile
@@ -21,13 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from planetary_mesh import __version__
 from planetary_mesh.config import AgentPaths
 from planetary_mesh.errors import MeshError, TrustError
-from planetary_mesh.pki import tls
+from planetary_mesh.pki import certs, tls
 from planetary_mesh.protocol import MAX_OUTPUT_BYTES, MAX_REQUEST_BYTES
 from planetary_mesh.sandbox.limits import Limits
 from planetary_mesh.sandbox.runner import EndReason, Runner, RunningTask, TaskLaunch, TaskOutcome
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 TaskRef = tuple[int, int, int]  # (task_id, attempt, epoch)
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 5.0
+RENEW_RETRY_MAX = 30.0  # seconds between tries to renew the node certificate
 DEFAULT_TASK_DISK = 4 * 1024**3  # what one task's work directory may take on the host's disk
 
 
@@ -123,7 +126,8 @@ class Agent:
         memory: int,
         task_disk: int = DEFAULT_TASK_DISK,
     ) -> None:
-        self.url = coordinator.rstrip("/").replace("https://", "wss://", 1) + "/v1/agent/session"
+        self.base = coordinator.rstrip("/")
+        self.url = self.base.replace("https://", "wss://", 1) + "/v1/agent/session"
         self.paths = paths
         self.task_disk = task_disk
         # Task work directories live outside the data dir (which holds the node's key and may
@@ -157,6 +161,7 @@ class Agent:
             loop.add_signal_handler(sig, self._stopping.set)
         delay = RECONNECT_MIN
         watchdog = asyncio.create_task(self._lease_watchdog())
+        renewal = asyncio.create_task(self._renewal_loop())
         try:
             while not self._stopping.is_set():
                 try:
@@ -173,6 +178,7 @@ class Agent:
                 delay = min(delay * 2, RECONNECT_MAX)
         finally:
             watchdog.cancel()
+            renewal.cancel()
             await self._kill_all("the agent is stopping")
             self.runner.close()
             shutil.rmtree(self.work_root, ignore_errors=True)
@@ -191,7 +197,67 @@ class Agent:
                     f"lease expired: no word from the coordinator for {silent:.1f}s"
                 )
 
+    # -- the node's certificate --------------------------------------------------------------
+
+    async def _renewal_loop(self) -> None:
+        """Renew the node certificate at a random 50-80 % of its lifetime (random, so that
+        agents that joined together do not all renew at once); on failure retry soon."""
+        while True:
+            cert = certs.load_cert_pem(self.paths.cert.read_bytes())
+            # Issued CLOCK_SKEW after its not-before (backdated for clocks that run behind).
+            start = (cert.not_valid_before_utc + certs.CLOCK_SKEW).timestamp()
+            end = cert.not_valid_after_utc.timestamp()
+            due = start + (end - start) * random.uniform(0.5, 0.8)
+            await asyncio.sleep(max(0.0, due - time.time()))
+            try:
+                await asyncio.to_thread(self._renew)
+            except (MeshError, OSError, httpx.HTTPError, ValueError) as exc:
+                retry = min(RENEW_RETRY_MAX, max(0.1, (end - time.time()) / 10))
+                log.warning(
+                    "could not renew this node's certificate (%s); it expires in %.0fs;"
+                    " retrying in %.1fs",
+                    exc,
+                    end - time.time(),
+                    retry,
+                )
+                await asyncio.sleep(retry)
+
+    def _renew(self) -> None:
+        """A new key and certificate for the same node id, asked for over the current one."""
+        key = certs.generate_key()
+        csr = certs.make_csr(key, self.name)
+        with httpx.Client(verify=self.ssl, timeout=30) as client:
+            response = client.post(f"{self.base}/v1/agent/renew", json={"csr": csr.decode()})
+        if response.status_code != 200:
+            raise TrustError(
+                f"the coordinator refused to renew ({response.status_code}):"
+                f" {response.json().get('error', response.text[:200])}"
+            )
+        pem = response.json()["certificate"].encode()
+        certs.load_cert_pem(pem)  # refuse garbage before it replaces a working certificate
+        # Key first, then certificate: each write is atomic; a crash in between leaves a
+        # mismatched pair that the next start reports (and a new token fixes).
+        certs.write_private_file(self.paths.key, certs.key_to_pem(key))
+        certs.write_public_file(self.paths.cert, pem)
+        self.ssl = tls.client_ssl_context(
+            self.paths.ca_cert.read_bytes(), self.paths.cert, self.paths.key
+        )
+        log.info("renewed this node's certificate")
+
+    def _check_certificate(self) -> None:
+        """An expired certificate cannot be renewed: say so plainly instead of retrying."""
+        cert = certs.load_cert_pem(self.paths.cert.read_bytes())
+        expired = cert.not_valid_after_utc
+        if expired.timestamp() <= time.time():
+            raise TrustError(
+                f"this agent's certificate expired at {expired:%Y-%m-%d %H:%M:%S} UTC (it was"
+                " off longer than the mesh's certificate lifetime, so it could not renew):"
+                " join again with a new token (`mesh token create` on the coordinator) and a"
+                " new data dir"
+            )
+
     async def _session(self) -> None:
+        self._check_certificate()
         async with connect(
             self.url,
             ssl=self.ssl,

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -98,6 +99,13 @@ def coordinator(
     retry_backoff: Annotated[
         str, typer.Option("--retry-backoff", help="First retry delay; it doubles each time.")
     ] = "1s",
+    node_cert_lifetime: Annotated[
+        str,
+        typer.Option(
+            "--node-cert-lifetime",
+            help="How long an agent's certificate is valid; agents renew it on their own.",
+        ),
+    ] = "24h",
 ) -> None:
     """Serve the mesh API over HTTPS with client-certificate authentication."""
     from planetary_mesh.coordinator.server import serve
@@ -113,7 +121,8 @@ def coordinator(
         restart_grace=parse_duration(restart_grace),
     )
     backoff = (parse_duration(retry_backoff), 60.0)
-    asyncio.run(serve(paths, host, port, client_config, policy, backoff))
+    lifetime = timedelta(seconds=parse_duration(node_cert_lifetime))
+    asyncio.run(serve(paths, host, port, client_config, policy, backoff, lifetime))
 
 
 @app.command()

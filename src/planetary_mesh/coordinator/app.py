@@ -49,6 +49,8 @@ from planetary_mesh.protocol import (
     NodeInfo,
     NodeRemoved,
     OutputFile,
+    RenewRequest,
+    RenewResponse,
     Report,
     TaskInfo,
     TokenCreate,
@@ -81,6 +83,7 @@ def admin(who: Annotated[certs.Identity, Depends(user)]) -> certs.Identity:
     return who
 
 
+Identity = Annotated[certs.Identity, Depends(identity)]
 User = Annotated[certs.Identity, Depends(user)]
 Admin = Annotated[certs.Identity, Depends(admin)]
 TaskIndex = Annotated[int, PathParam(ge=0, lt=MAX_ARRAY)]
@@ -207,6 +210,10 @@ def create_app(service: CoordinatorService) -> FastAPI:
     @app.delete("/v1/nodes/{node_id}")
     async def remove_node(node_id: str, who: Admin) -> NodeRemoved:
         return NodeRemoved(id=node_id, requeued=service.remove_node(node_id, who.name))
+
+    @app.post("/v1/agent/renew")
+    async def renew(body: RenewRequest, who: Identity) -> RenewResponse:
+        return RenewResponse(certificate=service.renew_node_cert(who, body.csr))
 
     @app.websocket("/v1/agent/session")
     async def agent_session(websocket: WebSocket) -> None:

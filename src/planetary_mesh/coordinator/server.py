@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 import uvicorn
@@ -66,13 +67,21 @@ async def serve(
     client_config: Path | None,
     policy: LivenessPolicy | None = None,
     retry_backoff: tuple[float, float] = (1.0, 60.0),
+    node_cert_lifetime: timedelta = timedelta(hours=24),
 ) -> None:
     if not paths.ca_key.exists():
         raise ConfigError(f"no mesh in {paths.root}: run `mesh init --data-dir {paths.root}` first")
     ca_cert = certs.load_cert_pem(paths.ca_cert.read_bytes())
     ca_key = certs.load_key_pem(paths.ca_key.read_bytes())
     store = SQLiteStore(paths.database)
-    service = CoordinatorService(store, ca_cert, ca_key, policy=policy, retry_backoff=retry_backoff)
+    service = CoordinatorService(
+        store,
+        ca_cert,
+        ca_key,
+        policy=policy,
+        retry_backoff=retry_backoff,
+        node_cert_lifetime=node_cert_lifetime,
+    )
     app = create_app(service)
     sock = bind_socket(host, port)
     actual_port = sock.getsockname()[1]

@@ -118,6 +118,18 @@ class CoordinatorService:
         self.store.add_token(token_id, tokens.hash_secret(token.secret), now + ttl, uses, now)
         return str(token), token_id
 
+    def renew_node_cert(self, identity: certs.Identity, csr: str) -> str:
+        """A new certificate for a node, over its current (valid, not denied) one: no token."""
+        node_id = self.check_peer_is_node(identity)
+        cert = certs.sign_node_csr(
+            self.ca_cert, self.ca_key, csr.encode(), node_id, self.node_cert_lifetime
+        )
+        self.store.set_node_serial(node_id, cert.serial_number)
+        log.info(
+            "node %s renewed its certificate (valid until %s)", node_id, cert.not_valid_after_utc
+        )
+        return certs.cert_to_pem(cert).decode()
+
     def tokens(self) -> list[TokenInfo]:
         return [TokenInfo(**asdict(record)) for record in self.store.tokens(self.clock())]
 

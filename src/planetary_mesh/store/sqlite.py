@@ -151,6 +151,11 @@ class SQLiteStore:
             )
         ]
 
+    def set_node_serial(self, node_id: str, cert_serial: int) -> None:
+        """The node renewed its certificate: this is the one a removal deny-lists."""
+        with self._tx() as db:
+            db.execute("UPDATE nodes SET cert_serial=? WHERE id=?", (str(cert_serial), node_id))
+
     def node_known(self, node_id: str) -> bool:
         return self._db.execute("SELECT 1 FROM nodes WHERE id=?", (node_id,)).fetchone() is not None
 

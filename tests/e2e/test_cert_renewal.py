@@ -1,0 +1,86 @@
+"""Short-lived agent certificates, with real processes: an agent renews its own over the
+current one (no token), keeps working across renewals, and once a certificate has expired it is
+refused at the TLS handshake and the agent says what to do."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import wait_for, wait_job
+
+from planetary_mesh.config import AgentPaths
+from planetary_mesh.pki import certs
+from planetary_mesh.pki.tls import client_ssl_context
+from planetary_mesh.protocol import JobSubmit
+from planetary_mesh.testing import LocalMesh
+
+pytestmark = pytest.mark.e2e
+
+LIFETIME_S = 3.0
+
+
+def _serial(paths: AgentPaths) -> int:
+    return certs.load_cert_pem(paths.cert.read_bytes()).serial_number
+
+
+def test_an_agent_renews_its_certificate_and_an_expired_one_is_refused(tmp_path: Path) -> None:
+    lifetime = ("--node-cert-lifetime", f"{LIFETIME_S:g}s")
+    with LocalMesh(tmp_path, agents=1, agent_cpus=1, coordinator_args=lifetime) as mesh:
+        paths = AgentPaths(mesh.agent_dir(0))
+        first = certs.load_cert_pem(paths.cert.read_bytes())
+        span = first.not_valid_after_utc - first.not_valid_before_utc - certs.CLOCK_SKEW
+        assert abs(span.total_seconds() - LIFETIME_S) < 1.5, span
+        seen = {first.serial_number}
+        with mesh.client() as client:
+            job = client.submit(JobSubmit(argv=["sleep", "0.5"], count=12))
+
+            # Each renewal is due at 50-80 % of the lifetime: three within ~3 lifetimes.
+            def renewed_three_times() -> bool:
+                seen.add(_serial(paths))
+                return len(seen) >= 4
+
+            wait_for(renewed_three_times, 4 * LIFETIME_S, "three renewals")
+            assert wait_job(client, job.id, timeout=30).state == "succeeded"
+            assert [n.state for n in client.nodes()] == ["ready"]
+            renewed = certs.load_cert_pem(paths.cert.read_bytes())
+            assert certs.identity_of(renewed).name == certs.identity_of(first).name  # same node
+            # A new session is made with the renewed certificate (the first one expired long ago).
+            assert time.time() > first.not_valid_after_utc.timestamp()
+            mesh.agents[0].terminate()
+            mesh.agents[0].wait(10)
+            mesh.restart_agent(0)
+            wait_for(
+                lambda: [n.state for n in client.nodes()] == ["ready"],
+                20,
+                "the restarted agent's session",
+            )
+
+            valid = client_ssl_context(paths.ca_cert.read_bytes(), paths.cert, paths.key)
+            with httpx.Client(base_url=mesh.url, verify=valid, timeout=10) as http:
+                assert http.get("/v1/nodes").status_code == 403
+
+            # Stopped for longer than its certificate lives, an agent is refused and says why.
+            mesh.agents[0].terminate()
+            mesh.agents[0].wait(10)
+            expired = certs.load_cert_pem(paths.cert.read_bytes())
+            wait_for(
+                lambda: time.time() > expired.not_valid_after_utc.timestamp() + 0.5,
+                2 * LIFETIME_S,
+                "the certificate to expire",
+            )
+            # The TLS layer refuses it: no HTTP answer at all (under TLS 1.3 the refusal comes
+            # on the first read), where a valid node certificate gets its answer (a 403: agents
+            # may not call user endpoints).
+            context = client_ssl_context(paths.ca_cert.read_bytes(), paths.cert, paths.key)
+            with (
+                httpx.Client(base_url=mesh.url, verify=context, timeout=10) as http,
+                pytest.raises(httpx.TransportError),
+            ):
+                http.get("/v1/nodes")
+            mesh.restart_agent(0)
+            assert mesh.agents[0].wait(20) != 0
+            log = (mesh.log_dir / "agent-1.log").read_text()
+            assert "certificate expired" in log and "new token" in log, log[-1500:]

@@ -76,6 +76,25 @@ def init(
     print(f"next: mesh coordinator{f' --data-dir {data_dir}' if data_dir else ''}")
 
 
+@app.command("rotate-server-cert")
+def rotate_server_cert(
+    data_dir: DataDir = None,
+    host: Annotated[
+        list[str] | None,
+        typer.Option("--host", help="Names and IPs for it (default: those of the current one)."),
+    ] = None,
+) -> None:
+    """Give the coordinator a new server certificate; a running one serves it within seconds."""
+    from planetary_mesh.coordinator.bootstrap import rotate_server_cert as rotate
+
+    paths, _ = _coordinator_dirs(data_dir)
+    made = rotate(paths, list(host or []))
+    print(
+        f"new server certificate (serial {made.serial:x}, valid until"
+        f" {made.not_after:%Y-%m-%d}); a running coordinator serves it within seconds"
+    )
+
+
 @app.command()
 def coordinator(
     data_dir: DataDir = None,

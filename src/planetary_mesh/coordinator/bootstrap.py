@@ -6,7 +6,13 @@ import socket
 from datetime import timedelta
 from pathlib import Path
 
-from planetary_mesh.config import DEFAULT_PORT, CoordinatorPaths, write_client_config, write_toml
+from planetary_mesh.config import (
+    DEFAULT_PORT,
+    CoordinatorPaths,
+    read_toml,
+    write_client_config,
+    write_toml,
+)
 from planetary_mesh.errors import ConfigError
 from planetary_mesh.pki import certs
 
@@ -55,6 +61,27 @@ def init_mesh(
         paths.admin_cert,
         paths.admin_key,
     )
+
+
+def rotate_server_cert(paths: CoordinatorPaths, hosts: list[str]) -> certs.Identity:
+    """Issue the coordinator a new server certificate (and key) from the mesh CA, for ``hosts``
+    or, when none are given, the hosts it was made for. A running coordinator picks it up by
+    itself (it watches the file); agents and clients trust it already (same CA)."""
+    if not paths.ca_key.exists():
+        raise ConfigError(f"no mesh in {paths.root}: this command runs on the coordinator host")
+    ca_cert = certs.load_cert_pem(paths.ca_cert.read_bytes())
+    ca_key = certs.load_key_pem(paths.ca_key.read_bytes())
+    settings = read_toml(paths.settings) if paths.settings.exists() else {}
+    listed = settings.get("hosts", [])
+    known = [str(h) for h in listed] if isinstance(listed, list) else []
+    hosts = hosts or known or default_hosts()
+    server_cert, server_key = certs.issue_server_cert(ca_cert, ca_key, hosts, SERVER_CERT_LIFETIME)
+    # The key first: the coordinator reloads when the certificate changes, so the pair it then
+    # reads matches.
+    certs.write_private_file(paths.server_key, certs.key_to_pem(server_key))
+    certs.write_public_file(paths.server_cert, certs.cert_to_pem(server_cert))
+    write_toml(paths.settings, {**settings, "hosts": hosts})
+    return certs.identity_of(server_cert)
 
 
 def coordinator_url(host: str, port: int) -> str:

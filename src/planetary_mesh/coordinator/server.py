@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from planetary_mesh.protocol import MAX_REQUEST_BYTES
 from planetary_mesh.store.sqlite import SQLiteStore
 
 log = logging.getLogger(__name__)
+
+SERVER_CERT_POLL_S = 1.0
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -100,6 +103,7 @@ async def serve(
     # Our own context: client certificates are optional at the TLS layer (for /healthz and
     # joining) and required by the app everywhere else.
     config.ssl = tls.server_ssl_context(paths.ca_cert, paths.server_cert, paths.server_key)
+    reloader = asyncio.create_task(_reload_server_cert(config.ssl, paths))
     server = uvicorn.Server(config)
     url = public_url(paths, host, actual_port)
     if client_config is not None and client_config.exists():
@@ -110,10 +114,33 @@ async def serve(
     try:
         await server.serve(sockets=[sock])
     finally:
-        for task in (scheduler, liveness, announcer):
+        for task in (scheduler, liveness, announcer, reloader):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         paths.url_file.unlink(missing_ok=True)
         store.close()
         sock.close()
+
+
+async def _reload_server_cert(context: ssl.SSLContext, paths: CoordinatorPaths) -> None:
+    """Serve a rotated server certificate (`mesh rotate-server-cert`) without a restart: new
+    handshakes use it, open connections go on. Checked every SERVER_CERT_POLL_S."""
+    seen = paths.server_cert.stat().st_mtime_ns
+    while True:
+        await asyncio.sleep(SERVER_CERT_POLL_S)
+        try:
+            changed = paths.server_cert.stat().st_mtime_ns
+            if changed == seen:
+                continue
+            context.load_cert_chain(paths.server_cert, paths.server_key)
+        except (OSError, ssl.SSLError) as exc:  # mid-write, or a mismatched pair: next time
+            log.warning("could not load the new server certificate yet: %s", exc)
+            continue
+        seen = changed
+        served = certs.load_cert_pem(paths.server_cert.read_bytes())
+        log.warning(
+            "now serving a new server certificate (serial %x, valid until %s)",
+            served.serial_number,
+            served.not_valid_after_utc,
+        )

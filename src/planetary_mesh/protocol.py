@@ -90,6 +90,26 @@ class RenewResponse(Strict):
     certificate: str  # PEM, for the same node id, a full lifetime from now
 
 
+class UserCreate(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    admin: bool = False
+    csr: str = Field(max_length=16384)  # for a key made on the admin's machine
+
+
+class UserCreated(Strict):
+    name: str
+    certificate: str  # PEM
+    ca: str  # PEM: the mesh's CA, for the bundle
+
+
+class UserInfo(Strict):
+    name: str
+    admin: bool
+    created_at: float
+    expires_at: float  # when the certificate expires
+    created_by: str
+
+
 class NodeRemoved(Strict):
     id: str
     requeued: int  # tasks it was running, back in the queue

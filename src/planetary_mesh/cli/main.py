@@ -19,6 +19,7 @@ from planetary_mesh.cli import work
 from planetary_mesh.cli.common import err_console
 from planetary_mesh.cli.nodes import nodes_app
 from planetary_mesh.cli.tokens import token_app
+from planetary_mesh.cli.users import users_app
 from planetary_mesh.config import (
     DEFAULT_PORT,
     AgentPaths,
@@ -38,6 +39,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(token_app, name="token")
+app.add_typer(users_app, name="users")
 app.add_typer(nodes_app, name="nodes")
 work.register(app)
 

@@ -33,6 +33,8 @@ from planetary_mesh.protocol import (
     NodeRemoved,
     OutputFile,
     TokenInfo,
+    UserCreated,
+    UserInfo,
 )
 
 M = TypeVar("M", bound=BaseModel)
@@ -121,6 +123,16 @@ class Client:
 
     def remove_node(self, node_id: str) -> NodeRemoved:
         return self._model(NodeRemoved, "DELETE", f"/v1/nodes/{_segment(node_id)}")
+
+    def add_user(self, name: str, admin: bool, csr: str) -> UserCreated:
+        body = {"name": name, "admin": admin, "csr": csr}
+        return self._model(UserCreated, "POST", "/v1/users", json=body)
+
+    def users(self) -> list[UserInfo]:
+        return self._models(UserInfo, "GET", "/v1/users")
+
+    def remove_user(self, name: str) -> None:
+        self._request("DELETE", f"/v1/users/{_segment(name)}")
 
     def tokens(self) -> list[TokenInfo]:
         return self._models(TokenInfo, "GET", "/v1/tokens")

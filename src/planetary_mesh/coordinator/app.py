@@ -55,6 +55,9 @@ from planetary_mesh.protocol import (
     TaskInfo,
     TokenCreate,
     TokenInfo,
+    UserCreate,
+    UserCreated,
+    UserInfo,
 )
 
 log = logging.getLogger(__name__)
@@ -168,7 +171,7 @@ def create_app(service: CoordinatorService) -> FastAPI:
 
     @app.post("/v1/jobs/{job_id}/cancel")
     async def cancel(job_id: str, who: User) -> JobInfo:
-        return _job_info(service.cancel(job_id, who.name))
+        return _job_info(service.cancel(job_id, who.name, who.admin))
 
     @app.get("/v1/jobs/{job_id}/tasks/{index}/logs")
     async def logs(
@@ -210,6 +213,21 @@ def create_app(service: CoordinatorService) -> FastAPI:
     @app.delete("/v1/nodes/{node_id}")
     async def remove_node(node_id: str, who: Admin) -> NodeRemoved:
         return NodeRemoved(id=node_id, requeued=service.remove_node(node_id, who.name))
+
+    @app.post("/v1/users", status_code=201)
+    async def add_user(body: UserCreate, who: Admin) -> UserCreated:
+        pem = service.add_user(body.name, body.admin, body.csr, who.name)
+        ca = certs.cert_to_pem(service.ca_cert).decode()
+        return UserCreated(name=body.name, certificate=pem, ca=ca)
+
+    @app.get("/v1/users")
+    async def list_users(_: Admin) -> list[UserInfo]:
+        return service.users()
+
+    @app.delete("/v1/users/{name}")
+    async def remove_user(name: str, who: Admin) -> dict[str, str]:
+        service.remove_user(name, who.name)
+        return {"removed": name}
 
     @app.post("/v1/agent/renew")
     async def renew(body: RenewRequest, who: Identity) -> RenewResponse:

@@ -85,6 +85,8 @@ async def serve(
         retry_backoff=retry_backoff,
         node_cert_lifetime=node_cert_lifetime,
     )
+    if paths.admin_cert.exists():  # `mesh init`'s admin, listed with the users made later
+        service.register_user(certs.load_cert_pem(paths.admin_cert.read_bytes()), "mesh init")
     app = create_app(service)
     sock = bind_socket(host, port)
     actual_port = sock.getsockname()[1]

@@ -22,9 +22,10 @@ from typing import Any
 from cryptography import x509
 
 from planetary_mesh import __version__
+from planetary_mesh.coordinator.bootstrap import USER_CERT_LIFETIME
 from planetary_mesh.coordinator.sessions import AgentSession
 from planetary_mesh.core.liveness import LivenessPolicy, NodeLiveness, liveness_changes
-from planetary_mesh.core.model import Assignment, Job, JobSpec
+from planetary_mesh.core.model import Assignment, Job, JobSpec, UserRecord
 from planetary_mesh.core.scheduler import NodeCapacity, plan_placements
 from planetary_mesh.core.states import NodeState, TaskState
 from planetary_mesh.errors import NotFound, RequestRejected, TokenError, TrustError
@@ -41,6 +42,7 @@ from planetary_mesh.protocol import (
     Report,
     Started,
     TokenInfo,
+    UserInfo,
 )
 from planetary_mesh.store.sqlite import SQLiteStore
 
@@ -106,7 +108,8 @@ class CoordinatorService:
         self._denied_names: set[tuple[str, str]] = set()
         for serial, kind, name in store.denied_certs(now):
             self._denied_serials.add(int(serial))
-            self._denied_names.add((kind, name))
+            if kind == "node":  # node ids are never reused; user names may be, by a new person
+                self._denied_names.add((kind, name))
 
     # -- tokens and joining -----------------------------------------------------------------
 
@@ -204,8 +207,13 @@ class CoordinatorService:
             raise NotFound(f"job {job_id} has no task {index}: its tasks are 0 to {count - 1}")
         return task.id, task.attempt
 
-    def cancel(self, job_id: str, by: str) -> Job:
+    def cancel(self, job_id: str, by: str, admin: bool = True) -> Job:
+        """Cancel a job: its owner may, and any admin."""
         job = self.job(job_id)
+        if not admin and job.owner != by:
+            raise RequestRejected(
+                f"only the job's owner ({job.owner}) or an admin may cancel it", 403
+            )
         if job.state.value in ("succeeded", "failed", "cancelled"):
             return job
         for node_id, assignment in self.store.cancel_job(job_id, by, self.clock()):
@@ -427,14 +435,71 @@ class CoordinatorService:
         return requeued
 
     def check_not_denied(self, identity: certs.Identity) -> None:
-        """Refuse a certificate of a removed node (or, later, user) before it expires."""
+        """Refuse a certificate of a removed node or user before it expires."""
         if identity.serial in self._denied_serials or (
             (identity.kind.value, identity.name) in self._denied_names
         ):
+            remedy = (
+                "ask an admin for a new one (`mesh users add`)"
+                if identity.kind is certs.PeerKind.USER
+                else "join again with a new token"
+            )
             raise TrustError(
                 f"this certificate ({identity.kind.value} {identity.name}) was revoked when its"
-                " holder was removed from the mesh; join again with a new token"
+                f" holder was removed from the mesh; {remedy}"
             )
+
+    # -- users ------------------------------------------------------------------------------
+
+    def register_user(self, cert: x509.Certificate, by: str) -> None:
+        """Record a user certificate made outside the API (`mesh init`'s admin), once."""
+        who = certs.identity_of(cert)
+        record = UserRecord(
+            who.name, who.admin, who.serial, self.clock(), who.not_after.timestamp(), by
+        )
+        self.store.add_user(record)
+
+    def add_user(self, name: str, admin: bool, csr: str, by: str) -> str:
+        """Sign a person's certificate (PEM) for a key made on the admin's machine."""
+        if any(user.name == name for user in self.store.users()):
+            raise RequestRejected(
+                f"a user named {name!r} exists already: pick another name, or"
+                f" `mesh users remove {name}` first",
+                409,
+            )
+        cert = certs.sign_user_csr(
+            self.ca_cert, self.ca_key, csr.encode(), name, USER_CERT_LIFETIME, admin
+        )
+        record = UserRecord(
+            name, admin, cert.serial_number, self.clock(), cert.not_valid_after_utc.timestamp(), by
+        )
+        if not self.store.add_user(record):
+            raise RequestRejected(f"a user named {name!r} was added just now", 409)
+        role = "admin" if admin else "user"
+        self.event("user_added", f"{role} {name} added by {by}")
+        return certs.cert_to_pem(cert).decode()
+
+    def users(self) -> list[UserInfo]:
+        return [
+            UserInfo(
+                name=u.name,
+                admin=u.admin,
+                created_at=u.created_at,
+                expires_at=u.expires_at,
+                created_by=u.created_by,
+            )
+            for u in self.store.users()
+        ]
+
+    def remove_user(self, name: str, by: str) -> None:
+        """Deny the person's certificate from now on (until it expires)."""
+        if name == by:
+            raise RequestRejected("you cannot remove yourself: ask another admin to", 400)
+        removed = self.store.remove_user(name, f"user removed by {by}", self.clock())
+        if removed is None:
+            raise NotFound(f"no user {name!r}: `mesh users list` shows them")
+        self._denied_serials.add(removed.cert_serial)
+        self.event("user_removed", f"user {name} removed by {by}")
 
     def _known_node(self, node_id: str) -> None:
         if not self.store.node_known(node_id):

@@ -122,3 +122,13 @@ class JoinTokenRecord:
     expires_at: float
     uses_left: int | None  # None: unlimited
     state: str  # active, expired, used up, revoked
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    name: str
+    admin: bool
+    cert_serial: int
+    created_at: float
+    expires_at: float  # when the certificate expires
+    created_by: str

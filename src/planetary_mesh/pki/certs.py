@@ -157,6 +157,30 @@ def sign_node_csr(
     the coordinator alone decides the node id and the certificate can only ever be a client one.
     """
     _check_name(node_id, "node id")
+    subject = _subject(node_id, PeerKind.NODE)
+    public_key = _csr_public_key(csr_pem)
+    builder = _leaf(ca_cert, ca_key, subject, public_key, lifetime, ExtendedKeyUsageOID.CLIENT_AUTH)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def sign_user_csr(
+    ca_cert: x509.Certificate,
+    ca_key: PrivateKey,
+    csr_pem: bytes,
+    user: str,
+    lifetime: timedelta,
+    admin: bool,
+) -> x509.Certificate:
+    """A person's client certificate for a key made on the admin's machine (the coordinator
+    never sees it). As for nodes, only the CSR's public key is used."""
+    _check_name(user, "user name")
+    subject = _subject(user, PeerKind.USER, admin=admin)
+    public_key = _csr_public_key(csr_pem)
+    builder = _leaf(ca_cert, ca_key, subject, public_key, lifetime, ExtendedKeyUsageOID.CLIENT_AUTH)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def _csr_public_key(csr_pem: bytes) -> ec.EllipticCurvePublicKey:
     try:
         csr = x509.load_pem_x509_csr(csr_pem)
         valid = csr.is_signature_valid
@@ -172,9 +196,7 @@ def sign_node_csr(
         and isinstance(public_key.curve, ec.SECP256R1)
     ):
         raise TrustError("the certificate request must carry an ECDSA P-256 public key")
-    subject = _subject(node_id, PeerKind.NODE)
-    builder = _leaf(ca_cert, ca_key, subject, public_key, lifetime, ExtendedKeyUsageOID.CLIENT_AUTH)
-    return builder.sign(ca_key, hashes.SHA256())
+    return public_key
 
 
 def ca_fingerprint(cert: x509.Certificate) -> str:

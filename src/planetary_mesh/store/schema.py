@@ -124,4 +124,15 @@ MIGRATIONS: list[list[str]] = [
             until REAL NOT NULL
         )""",
     ],
+    [
+        # The people with client certificates: who may submit, who is an admin.
+        """CREATE TABLE users (
+            name TEXT PRIMARY KEY,
+            admin INTEGER NOT NULL,
+            cert_serial TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            created_by TEXT NOT NULL
+        )""",
+    ],
 ]

@@ -26,6 +26,7 @@ from planetary_mesh.core.model import (
     JoinTokenRecord,
     Node,
     Task,
+    UserRecord,
 )
 from planetary_mesh.core.scheduler import Demand, Placement
 from planetary_mesh.core.states import (
@@ -141,6 +142,47 @@ class SQLiteStore:
             )
             db.execute("DELETE FROM nodes WHERE id=?", (node_id,))
         return str(row[0]), len(requeued)
+
+    def add_user(self, user: UserRecord) -> bool:
+        """Record a person; False if the name is taken."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO users (name, admin, cert_serial, created_at, expires_at,"
+                " created_by) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    user.name,
+                    int(user.admin),
+                    str(user.cert_serial),
+                    user.created_at,
+                    user.expires_at,
+                    user.created_by,
+                ),
+            )
+            return cursor.rowcount > 0
+
+    def users(self) -> list[UserRecord]:
+        return [
+            UserRecord(str(r[0]), bool(r[1]), int(r[2]), float(r[3]), float(r[4]), str(r[5]))
+            for r in self._db.execute(
+                "SELECT name, admin, cert_serial, created_at, expires_at, created_by FROM users"
+                " ORDER BY name"
+            )
+        ]
+
+    def remove_user(self, name: str, reason: str, now: float) -> UserRecord | None:
+        """Forget a person and deny their certificate until it expires; None if unknown."""
+        with self._tx() as db:
+            found = [u for u in self.users() if u.name == name]
+            if not found:
+                return None
+            user = found[0]
+            db.execute(
+                "INSERT OR REPLACE INTO denied_certs (serial, kind, name, reason, denied_at, until)"
+                " VALUES (?, 'user', ?, ?, ?, ?)",
+                (str(user.cert_serial), name, reason, now, user.expires_at),
+            )
+            db.execute("DELETE FROM users WHERE name=?", (name,))
+            return user
 
     def denied_certs(self, now: float) -> list[tuple[str, str, str]]:
         """(serial, kind, name) of every certificate still denied at ``now``."""

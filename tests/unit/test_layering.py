@@ -94,6 +94,8 @@ ALLOWED: dict[str, frozenset[str]] = {
             "planetary_mesh.protocol",
             "planetary_mesh.coordinator.server",
             "planetary_mesh.coordinator.bootstrap",
+            # `mesh users add` makes the person's key on the admin's machine, never the server.
+            "planetary_mesh.pki",
             # The liveness policy `mesh coordinator`'s flags fill in: plain data, pointing inward.
             "planetary_mesh.core.liveness",
             "planetary_mesh.agent",

@@ -110,6 +110,11 @@ class UserInfo(Strict):
     created_by: str
 
 
+class LoginLink(Strict):
+    url: str  # opens once, in a browser, before expires_at
+    expires_at: float
+
+
 class NodeRemoved(Strict):
     id: str
     requeued: int  # tasks it was running, back in the queue

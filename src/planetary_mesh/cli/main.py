@@ -16,7 +16,7 @@ import click
 import typer
 
 from planetary_mesh.cli import work
-from planetary_mesh.cli.common import err_console
+from planetary_mesh.cli.common import ConfigOption, client_for, err_console
 from planetary_mesh.cli.nodes import nodes_app
 from planetary_mesh.cli.tokens import token_app
 from planetary_mesh.cli.users import users_app
@@ -76,6 +76,23 @@ def init(
     print(f"mesh created in {paths.root}")
     print(f"client config: {client_config}")
     print(f"next: mesh coordinator{f' --data-dir {data_dir}' if data_dir else ''}")
+
+
+@app.command()
+def dashboard(config: ConfigOption = None) -> None:
+    """Print a one-time login link for a browser (no client certificate needed there)."""
+    import time
+
+    from planetary_mesh.units import format_duration
+
+    with client_for(config) as client:
+        link = client.login_link()
+    print(link.url)
+    left = format_duration(max(0.0, link.expires_at - time.time()))
+    err_console.print(
+        f"open it in a browser within {left}; it works once, then the browser stays signed in",
+        highlight=False,
+    )
 
 
 @app.command("rotate-server-cert")

@@ -28,6 +28,7 @@ from planetary_mesh.protocol import (
     JobInfo,
     JobSubmit,
     LogChunk,
+    LoginLink,
     NewToken,
     NodeInfo,
     NodeRemoved,
@@ -133,6 +134,10 @@ class Client:
 
     def remove_user(self, name: str) -> None:
         self._request("DELETE", f"/v1/users/{_segment(name)}")
+
+    def login_link(self) -> LoginLink:
+        """A one-time link that signs a browser in as this client's user."""
+        return self._model(LoginLink, "POST", "/v1/dashboard/login")
 
     def tokens(self) -> list[TokenInfo]:
         return self._models(TokenInfo, "GET", "/v1/tokens")

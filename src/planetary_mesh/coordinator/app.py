@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import html
 import json
 import logging
 from typing import Annotated, Any
@@ -16,11 +17,17 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
 
 from planetary_mesh import __version__
+from planetary_mesh.coordinator.browser import (
+    COOKIE,
+    CSRF_HEADER,
+    SAFE_METHODS,
+    BrowserSession,
+)
 from planetary_mesh.coordinator.peer_cert import peer_cert_der
 from planetary_mesh.coordinator.service import CoordinatorService
 from planetary_mesh.core.model import Attempt, Job, Node, Task
@@ -45,6 +52,7 @@ from planetary_mesh.protocol import (
     JoinRequest,
     JoinResponse,
     LogChunk,
+    LoginLink,
     NewToken,
     NodeInfo,
     NodeRemoved,
@@ -62,13 +70,16 @@ from planetary_mesh.protocol import (
 
 log = logging.getLogger(__name__)
 _agent_messages: TypeAdapter[Hello | Report | Heartbeat] = TypeAdapter(AgentMessage)
-_OPEN_PATHS = ("/healthz", "/v1/join")
+_OPEN_PATHS = ("/healthz", "/v1/join", "/login")
 
 
 def identity(request: Request) -> certs.Identity:
     der = peer_cert_der(request.scope)
-    assert der is not None  # the middleware refused requests without one
-    who = certs.identity_of_der(der)
+    if der is None:  # the middleware let it in on a browser session's cookie
+        browser: BrowserSession = request.state.browser
+        who = browser.user
+    else:
+        who = certs.identity_of_der(der)
     service: CoordinatorService = request.app.state.service
     service.check_not_denied(who)
     return who
@@ -98,8 +109,26 @@ def create_app(service: CoordinatorService) -> FastAPI:
 
     @app.middleware("http")
     async def require_certificate(request: Request, call_next: Any) -> Any:
-        if request.url.path not in _OPEN_PATHS and peer_cert_der(request.scope) is None:
-            return _error(401, "a client certificate is required: pass --config with a client.toml")
+        if request.url.path in _OPEN_PATHS or peer_cert_der(request.scope) is not None:
+            return await call_next(request)
+        session = service.browser.session(request.cookies.get(COOKIE))
+        if session is None:
+            return _error(
+                401,
+                "a client certificate is required: pass --config with a client.toml (in a"
+                " browser, open the login link `mesh dashboard` prints)",
+            )
+        if request.method not in SAFE_METHODS:
+            origin = request.headers.get("origin")
+            if origin is not None and origin != _origin_of(request):
+                return _error(403, f"refused: this request comes from another site ({origin})")
+            if not session.csrf_matches(request.headers.get(CSRF_HEADER)):
+                return _error(
+                    403,
+                    f"refused: a browser request that changes something needs the {CSRF_HEADER}"
+                    " header of its session (the page's csrf-token)",
+                )
+        request.state.browser = session
         return await call_next(request)
 
     app.add_middleware(BodyLimit, limit=MAX_REQUEST_BYTES)
@@ -229,6 +258,47 @@ def create_app(service: CoordinatorService) -> FastAPI:
         service.remove_user(name, who.name)
         return {"removed": name}
 
+    @app.post("/v1/dashboard/login")
+    async def login_link(request: Request, who: User) -> LoginLink:
+        if peer_cert_der(request.scope) is None:
+            raise RequestRejected("login links are made with a client certificate", 403)
+        secret, expires = service.browser.create_link(who)
+        url = f"{_origin_of(request)}/login?token={secret}"
+        return LoginLink(url=url, expires_at=expires)
+
+    @app.get("/login")
+    async def login(token: Annotated[str, Query(max_length=256)] = "") -> Response:
+        cookie, session = service.browser.redeem(token)
+        response = RedirectResponse("/", status_code=303, headers=_PRIVATE_PAGE)
+        response.set_cookie(
+            COOKIE,
+            cookie,
+            max_age=int(session.expires_at - service.clock()),
+            path="/",
+            secure=True,
+            httponly=True,
+            samesite="strict",
+        )
+        return response
+
+    @app.get("/")
+    async def home(request: Request, who: User) -> HTMLResponse:
+        browser: BrowserSession | None = getattr(request.state, "browser", None)
+        role = "admin" if who.admin else "user"
+        page = _HOME.format(
+            csrf=html.escape(browser.csrf if browser else ""),
+            name=html.escape(who.name),
+            role=role,
+        )
+        return HTMLResponse(page, headers=_PRIVATE_PAGE)
+
+    @app.post("/logout")
+    async def logout(request: Request, _: User) -> Response:
+        service.browser.end(request.cookies.get(COOKIE))
+        response = JSONResponse({"logged_out": True}, headers=_PRIVATE_PAGE)
+        response.delete_cookie(COOKIE, path="/", secure=True, httponly=True, samesite="strict")
+        return response
+
     @app.post("/v1/agent/renew")
     async def renew(body: RenewRequest, who: Identity) -> RenewResponse:
         return RenewResponse(certificate=service.renew_node_cert(who, body.csr))
@@ -320,6 +390,19 @@ class BodyLimit:
             return event
 
         await self.app(scope, limited, send)
+
+
+_PRIVATE_PAGE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+_HOME = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="csrf-token" content="{csrf}">
+<title>Planetary Mesh</title></head>
+<body><h1>Planetary Mesh</h1><p>Signed in as {name} ({role}).</p></body></html>
+"""
+
+
+def _origin_of(request: Request) -> str:
+    """This coordinator's origin as the client reached it: scheme, host and port."""
+    return str(request.base_url).rstrip("/")
 
 
 def _error(status: int, message: str) -> JSONResponse:

@@ -23,6 +23,7 @@ from cryptography import x509
 
 from planetary_mesh import __version__
 from planetary_mesh.coordinator.bootstrap import USER_CERT_LIFETIME
+from planetary_mesh.coordinator.browser import BrowserLogins
 from planetary_mesh.coordinator.sessions import AgentSession
 from planetary_mesh.core.liveness import LivenessPolicy, NodeLiveness, liveness_changes
 from planetary_mesh.core.model import Assignment, Job, JobSpec, UserRecord
@@ -82,6 +83,7 @@ class CoordinatorService:
         self.retry_backoff = retry_backoff
         self.clock = clock
         self.sessions: dict[str, AgentSession] = {}
+        self.browser = BrowserLogins(clock)  # login links and browser sessions
         self._kick = asyncio.Event()
         # After a restart no session is up yet: every node waits to reconnect, and is owed a
         # grace before it can be declared lost.

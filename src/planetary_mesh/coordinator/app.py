@@ -18,7 +18,7 @@ from fastapi import Depends, FastAPI, Query, Request, WebSocket, WebSocketDiscon
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
 
 from planetary_mesh import __version__
@@ -104,7 +104,13 @@ TaskIndex = Annotated[int, PathParam(ge=0, lt=MAX_ARRAY)]
 
 
 def create_app(service: CoordinatorService) -> FastAPI:
-    app = FastAPI(title="Planetary Mesh", version=__version__, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="Planetary Mesh",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        responses=_ERROR_RESPONSES,
+    )
     app.state.service = service
 
     @app.middleware("http")
@@ -145,7 +151,9 @@ def create_app(service: CoordinatorService) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+        response = _error(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # a 405's Allow, for one
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -266,7 +274,12 @@ def create_app(service: CoordinatorService) -> FastAPI:
         url = f"{_origin_of(request)}/login?token={secret}"
         return LoginLink(url=url, expires_at=expires)
 
-    @app.get("/login")
+    @app.get(
+        "/login",
+        response_class=RedirectResponse,
+        status_code=303,
+        responses={303: {"description": "Signed in: a session cookie, and on to /"}},
+    )
     async def login(token: Annotated[str, Query(max_length=256)] = "") -> Response:
         cookie, session = service.browser.redeem(token)
         response = RedirectResponse("/", status_code=303, headers=_PRIVATE_PAGE)
@@ -281,7 +294,7 @@ def create_app(service: CoordinatorService) -> FastAPI:
         )
         return response
 
-    @app.get("/")
+    @app.get("/", response_class=HTMLResponse)
     async def home(request: Request, who: User) -> HTMLResponse:
         browser: BrowserSession | None = getattr(request.state, "browser", None)
         role = "admin" if who.admin else "user"
@@ -391,6 +404,25 @@ class BodyLimit:
 
         await self.app(scope, limited, send)
 
+
+class ErrorBody(BaseModel):
+    error: str  # one sentence for people: what happened and what to do
+
+
+# Every route may answer these; documented so that clients (and schemathesis) can rely on them.
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in (
+        (400, "Bad request"),
+        (401, "No client certificate (or browser session)"),
+        (403, "Refused: not allowed, or a revoked certificate"),
+        (404, "No such job, task, node, token or user"),
+        (405, "Method not allowed"),
+        (409, "Conflict: the name is taken"),
+        (413, "Request body too large"),
+        (422, "The request does not fit the schema"),
+    )
+}
 
 _PRIVATE_PAGE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
 _HOME = """<!doctype html>

@@ -15,6 +15,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 MAX_ARRAY = 100_000
 MAX_OUTPUT_BYTES = 16 * 1024 * 1024  # per task, all collected files together
+MAX_LOG_BYTES = 1024**3  # per attempt, the most output the coordinator stores, whatever agents do
+LOG_MARKER_ROOM = 1024  # past an agent's own log limit, for its "truncated" line
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9._+-]{1,255}$")

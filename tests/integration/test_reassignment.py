@@ -6,6 +6,7 @@ backoff is checked at its exact edge with no sleeps and no network.
 
 from __future__ import annotations
 
+import base64
 import functools
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +19,16 @@ from planetary_mesh.core.liveness import LivenessPolicy
 from planetary_mesh.core.model import Attempt, Task
 from planetary_mesh.core.states import AttemptState, JobState, NodeState, TaskState
 from planetary_mesh.pki import certs
-from planetary_mesh.protocol import Ended, Hello, JobSubmit, Report, Started
+from planetary_mesh.protocol import (
+    LOG_MARKER_ROOM,
+    MAX_LOG_BYTES,
+    Ended,
+    Hello,
+    JobSubmit,
+    Log,
+    Report,
+    Started,
+)
 from planetary_mesh.store.sqlite import SQLiteStore
 
 MIB = 2**20
@@ -660,3 +670,25 @@ def test_a_resent_result_is_not_recorded_as_a_late_one(
     assert attempt.state is AttemptState.SUCCEEDED
     assert attempt.late_result is None
     assert "late_result" not in event_kinds(service)
+
+
+def test_an_attempts_stored_output_is_bounded_whatever_the_agent_sends(
+    service: CoordinatorService,
+) -> None:
+    session = join(service, "n1")
+    job_id = submit(service)
+    service.schedule_round()
+    (ref,) = assigned(session)
+    limit = MAX_LOG_BYTES + LOG_MARKER_ROOM
+
+    def log(offset: int, data: bytes) -> Log:
+        return Log(kind="log", task=ref, offset=offset, data=base64.b64encode(data).decode())
+
+    global _seq
+    _seq += 1
+    events = [log(0, b"start\n"), log(limit - 4, b"12345678"), log(limit + 10, b"way past")]
+    service.agent_report(session, Report(type="report", seq=_seq, events=[*events, ended(ref)]))
+    task_id, attempt = service.task_id(job_id, 0)
+    stored, _ = service.store.logs(task_id, attempt, limit - 4)
+    assert stored == b"1234"  # cut at the bound; the chunk beyond it is not stored at all
+    assert service.store.logs(task_id, attempt, 0)[0].startswith(b"start\n")

@@ -30,9 +30,10 @@ from planetary_mesh import __version__
 from planetary_mesh.config import AgentPaths
 from planetary_mesh.errors import MeshError, TrustError
 from planetary_mesh.pki import certs, tls
-from planetary_mesh.protocol import MAX_OUTPUT_BYTES, MAX_REQUEST_BYTES
+from planetary_mesh.protocol import MAX_LOG_BYTES, MAX_OUTPUT_BYTES, MAX_REQUEST_BYTES
 from planetary_mesh.sandbox.limits import Limits
 from planetary_mesh.sandbox.runner import EndReason, Runner, RunningTask, TaskLaunch, TaskOutcome
+from planetary_mesh.units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ TaskRef = tuple[int, int, int]  # (task_id, attempt, epoch)
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 5.0
 RENEW_RETRY_MAX = 30.0  # seconds between tries to renew the node certificate
 DEFAULT_TASK_DISK = 4 * 1024**3  # what one task's work directory may take on the host's disk
+DEFAULT_TASK_LOG = 64 * 1024**2  # output of one attempt kept and sent; the rest is dropped
 
 
 @dataclass
@@ -125,11 +127,13 @@ class Agent:
         cpus: float,
         memory: int,
         task_disk: int = DEFAULT_TASK_DISK,
+        task_log: int = DEFAULT_TASK_LOG,
     ) -> None:
         self.base = coordinator.rstrip("/")
         self.url = self.base.replace("https://", "wss://", 1) + "/v1/agent/session"
         self.paths = paths
         self.task_disk = task_disk
+        self.task_log = min(task_log, MAX_LOG_BYTES)
         # Task work directories live outside the data dir (which holds the node's key and may
         # sit in a private home): a folder the task user may pass through but not list.
         self.work_root = Path(tempfile.mkdtemp(prefix="planetary-mesh-work-"))
@@ -369,9 +373,22 @@ class Agent:
         offset = 0
 
         def on_output(data: bytes) -> None:
+            # Past the log limit, output is dropped, and one line says so where it stops.
             nonlocal offset
+            room = self.task_log - offset
+            if room <= 0:
+                return
+            if len(data) >= room:
+                data = (
+                    data[:room]
+                    + (
+                        f"\n[planetary-mesh: output truncated at {format_size(self.task_log)};"
+                        " the rest was dropped]\n"
+                    ).encode()
+                )
+                room = 0
             self.outbox.add_output(ref, offset, data)
-            offset += len(data)
+            offset = self.task_log if room == 0 else offset + len(data)
 
         try:
             # The task user may pass through (not list) the folder above its own directory.

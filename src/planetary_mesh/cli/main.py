@@ -181,6 +181,9 @@ def agent(
     task_disk: Annotated[
         str, typer.Option("--task-disk", help="Disk one task's work directory may use.")
     ] = "4G",
+    task_log: Annotated[
+        str, typer.Option("--task-log", help="Output one task attempt may keep; the rest is cut.")
+    ] = "64M",
     warm_sandboxes: Annotated[
         str,
         typer.Option(
@@ -227,6 +230,7 @@ def agent(
         cpus=offered_cpus,
         memory=parse_size(memory) if memory else probe.detect_memory(),
         task_disk=disk,
+        task_log=parse_size(task_log),
     )
     asyncio.run(daemon.run())
 

@@ -32,6 +32,8 @@ from planetary_mesh.core.states import NodeState, TaskState
 from planetary_mesh.errors import NotFound, RequestRejected, TokenError, TrustError
 from planetary_mesh.pki import certs, tokens
 from planetary_mesh.protocol import (
+    LOG_MARKER_ROOM,
+    MAX_LOG_BYTES,
     MAX_OUTPUT_BYTES,
     Ended,
     Hello,
@@ -525,7 +527,11 @@ class CoordinatorService:
             for event in report.events:
                 task_id, attempt, epoch = event.task
                 if isinstance(event, Log):
-                    logs.append((task_id, attempt, event.offset, base64.b64decode(event.data)))
+                    # Whatever an agent sends, an attempt's stored output is bounded.
+                    room = MAX_LOG_BYTES + LOG_MARKER_ROOM - event.offset
+                    if room > 0:
+                        data = base64.b64decode(event.data)[:room]
+                        logs.append((task_id, attempt, event.offset, data))
                 elif isinstance(event, Started):
                     self.store.record_started(task_id, attempt, epoch, now, node_id=session.node_id)
                 elif isinstance(event, Ended):

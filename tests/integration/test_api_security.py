@@ -582,6 +582,20 @@ def test_only_an_admin_removes_a_node_and_an_unknown_one_is_explained(
         admin.remove_node("n-nope")
 
 
+def test_the_coordinators_server_certificate_is_refused_as_a_client(
+    coordinator: Coordinator,
+) -> None:
+    # Server-only (EKU serverAuth): presented as a client certificate it gets no answer from the
+    # API, whether the TLS layer or the app refuses it.
+    paths = coordinator.paths
+    try:
+        with http_client(coordinator, paths.server_cert, paths.server_key) as http:
+            response = http.get("/v1/jobs")
+    except httpx.TransportError:
+        return  # refused in the handshake
+    error_message(response, 403)
+
+
 def test_a_refused_csr_does_not_use_up_the_token(
     coordinator: Coordinator, agent_paths: AgentPaths
 ) -> None:

@@ -20,8 +20,10 @@ from typing import Any, Protocol
 
 import httpx
 import pytest
+import websockets.sync.client
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from websockets.exceptions import ConnectionClosed
 
 from planetary_mesh.agent.join import join
 from planetary_mesh.client import Client
@@ -580,6 +582,23 @@ def test_only_an_admin_removes_a_node_and_an_unknown_one_is_explained(
     assert node_id in node_ids(coordinator)
     with admin_client(coordinator) as admin, pytest.raises(NotFound, match="no node 'n-nope'"):
         admin.remove_node("n-nope")
+
+
+def test_a_user_certificate_cannot_use_the_agent_endpoints(coordinator: Coordinator) -> None:
+    paths = coordinator.paths
+    context = ssl_context(coordinator, paths.admin_cert, paths.admin_key)
+    url = coordinator.url.replace("https://", "wss://") + "/v1/agent/session"
+    with (
+        websockets.sync.client.connect(url, ssl=context, open_timeout=10) as session,
+        pytest.raises(ConnectionClosed) as closed,
+    ):
+        session.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+    assert "only agent certificates" in closed.value.rcvd.reason
+    csr = certs.make_csr(certs.generate_key(), "sneaky").decode()
+    with admin_http(coordinator) as http:
+        renewal = http.post("/v1/agent/renew", json={"csr": csr})
+    assert "only agent certificates" in error_message(renewal, 403)
 
 
 def test_the_coordinators_server_certificate_is_refused_as_a_client(

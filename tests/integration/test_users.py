@@ -8,15 +8,17 @@ from __future__ import annotations
 import json
 import stat
 import subprocess
+import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
 import pytest
 
 from planetary_mesh.client import Client
-from planetary_mesh.config import load_client_config
-from planetary_mesh.errors import NotFound, RequestRejected
+from planetary_mesh.config import CoordinatorPaths, load_client_config, write_client_config
+from planetary_mesh.errors import NotFound, RequestRejected, TrustError
 from planetary_mesh.pki import certs
 from planetary_mesh.protocol import JobSubmit
 
@@ -132,3 +134,24 @@ def test_bad_or_taken_user_names_are_refused_and_nothing_is_written(
     )  # fmt: skip
     assert bad.returncode != 0 and "name" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_an_expired_user_certificate_is_refused_and_the_cli_says_why(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    paths = CoordinatorPaths(coordinator.client_config.parent)
+    ca = certs.load_cert_pem(paths.ca_cert.read_bytes())
+    ca_key = certs.load_key_pem(paths.ca_key.read_bytes())
+    cert, key = certs.issue_user_cert(ca, ca_key, "hank", timedelta(seconds=1), admin=False)
+    certs.write_public_file(tmp_path / "hank.pem", certs.cert_to_pem(cert))
+    certs.write_private_file(tmp_path / "hank-key.pem", certs.key_to_pem(key))
+    config = tmp_path / "client.toml"
+    url = load_client_config(coordinator.client_config).coordinator
+    write_client_config(
+        config, url, paths.ca_cert, tmp_path / "hank.pem", tmp_path / "hank-key.pem"
+    )
+    deadline = cert.not_valid_after_utc.timestamp() + 0.2
+    while time.time() < deadline:  # a certificate's end is a point in time: wait past it
+        time.sleep(0.05)
+    with Client(load_client_config(config)) as hank, pytest.raises(TrustError, match="expired"):
+        hank.jobs()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import ssl
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,7 +23,7 @@ from planetary_mesh.errors import (
     RequestRejected,
     TrustError,
 )
-from planetary_mesh.pki import tls
+from planetary_mesh.pki import certs, tls
 from planetary_mesh.protocol import (
     AttemptInfo,
     JobInfo,
@@ -51,6 +52,21 @@ class Client:
                 f"cannot read the credentials named in {config.source}: {exc}"
             ) from exc
         self._http = httpx.Client(base_url=config.coordinator, verify=context, timeout=timeout)
+
+    def _check_own_certificate(self) -> None:
+        """The TLS layer refuses an expired certificate without a word: say it here."""
+        if self.config.cert is None:
+            return
+        try:
+            cert = certs.load_cert_pem(self.config.cert.read_bytes())
+        except (OSError, TrustError):
+            return
+        expired = cert.not_valid_after_utc
+        if expired <= datetime.now(UTC):
+            raise TrustError(
+                f"your certificate ({self.config.cert}) expired at {expired:%Y-%m-%d %H:%M} UTC:"
+                " ask an admin for a new one (`mesh users add`)"
+            )
 
     @classmethod
     def from_config(cls, path: Path | None = None) -> Client:
@@ -83,6 +99,7 @@ class Client:
                 f"running? the address comes from {self.config.source}"
             ) from exc
         except httpx.TransportError as exc:
+            self._check_own_certificate()
             raise CoordinatorUnreachable(
                 f"the connection to {self.config.coordinator} failed: {exc}; check that the "
                 "coordinator is running and trusts this client's certificate"

@@ -207,13 +207,14 @@ class Agent:
         """Renew the node certificate at a random 50-80 % of its lifetime (random, so that
         agents that joined together do not all renew at once); on failure retry soon."""
         while True:
-            cert = certs.load_cert_pem(self.paths.cert.read_bytes())
-            # Issued CLOCK_SKEW after its not-before (backdated for clocks that run behind).
-            start = (cert.not_valid_before_utc + certs.CLOCK_SKEW).timestamp()
-            end = cert.not_valid_after_utc.timestamp()
-            due = start + (end - start) * random.uniform(0.5, 0.8)
-            await asyncio.sleep(max(0.0, due - time.time()))
+            end = time.time() + RENEW_RETRY_MAX
             try:
+                cert = certs.load_cert_pem(self.paths.cert.read_bytes())
+                # Issued CLOCK_SKEW after its not-before (backdated for clocks that run behind).
+                start = (cert.not_valid_before_utc + certs.CLOCK_SKEW).timestamp()
+                end = cert.not_valid_after_utc.timestamp()
+                due = start + (end - start) * random.uniform(0.5, 0.8)
+                await asyncio.sleep(max(0.0, due - time.time()))
                 await asyncio.to_thread(self._renew)
             except (MeshError, OSError, httpx.HTTPError, ValueError) as exc:
                 retry = min(RENEW_RETRY_MAX, max(0.1, (end - time.time()) / 10))

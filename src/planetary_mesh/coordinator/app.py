@@ -17,7 +17,13 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
 
@@ -28,6 +34,7 @@ from planetary_mesh.coordinator.browser import (
     SAFE_METHODS,
     BrowserSession,
 )
+from planetary_mesh.coordinator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from planetary_mesh.coordinator.peer_cert import peer_cert_der
 from planetary_mesh.coordinator.service import CoordinatorService
 from planetary_mesh.core.model import Attempt, Job, Node, Task
@@ -265,6 +272,11 @@ def create_app(service: CoordinatorService) -> FastAPI:
     async def remove_user(name: str, who: Admin) -> dict[str, str]:
         service.remove_user(name, who.name)
         return {"removed": name}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics(_: User) -> PlainTextResponse:
+        """Prometheus text format; authenticated like everything else."""
+        return PlainTextResponse(service.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.post("/v1/dashboard/login")
     async def login_link(request: Request, who: User) -> LoginLink:

@@ -24,6 +24,7 @@ from cryptography import x509
 from planetary_mesh import __version__
 from planetary_mesh.coordinator.bootstrap import USER_CERT_LIFETIME
 from planetary_mesh.coordinator.browser import BrowserLogins
+from planetary_mesh.coordinator.metrics import Metrics
 from planetary_mesh.coordinator.sessions import AgentSession
 from planetary_mesh.core.liveness import LivenessPolicy, NodeLiveness, liveness_changes
 from planetary_mesh.core.model import Assignment, Job, JobSpec, UserRecord
@@ -86,6 +87,7 @@ class CoordinatorService:
         self.clock = clock
         self.sessions: dict[str, AgentSession] = {}
         self.browser = BrowserLogins(clock)  # login links and browser sessions
+        self.metrics = Metrics(self)
         self._kick = asyncio.Event()
         # After a restart no session is up yet: every node waits to reconnect, and is owed a
         # grace before it can be declared lost.
@@ -326,6 +328,7 @@ class CoordinatorService:
         self.liveness[session.node_id] = NodeLiveness(session.node_id, NodeState.READY, True, now)
 
     def agent_heartbeat(self, session: AgentSession) -> None:
+        self.metrics.heartbeats.inc()
         session.send({"type": "lease"})  # renews the agent's lease on its running tasks
 
     def agent_disconnected(self, session: AgentSession) -> None:
@@ -374,6 +377,7 @@ class CoordinatorService:
         requeued = self.store.requeue_node_attempts(
             node_id, set(), f"node lost ({why})", self.clock()
         )
+        self.metrics.reassignments.inc(len(requeued))
         self.event(
             "node_lost",
             f"node {node_id} lost ({why}); {len(requeued)} tasks back in the queue",
@@ -391,6 +395,7 @@ class CoordinatorService:
         if not active:
             return
         requeued = self.store.requeue_node_attempts(node_id, set(), why, self.clock())
+        self.metrics.reassignments.inc(len(requeued))
         session = self.sessions.get(node_id)
         if session is not None:
             session.send({"type": "cancel", "tasks": sorted(active), "reason": why})
@@ -422,6 +427,7 @@ class CoordinatorService:
         # The node's certificate was issued at most one lifetime ago: deny it that long.
         until = now + self.node_cert_lifetime.total_seconds()
         serial, requeued = self.store.remove_node(node_id, f"node removed by {by}", now, until)
+        self.metrics.reassignments.inc(requeued)
         self._denied_serials.add(int(serial))
         self._denied_names.add(("node", node_id))
         session = self.sessions.pop(node_id, None)
@@ -452,6 +458,17 @@ class CoordinatorService:
                 f"this certificate ({identity.kind.value} {identity.name}) was revoked when its"
                 f" holder was removed from the mesh; {remedy}"
             )
+
+    # -- what /metrics reads at scrape time ----------------------------------------------
+
+    def node_states(self) -> dict[str, int]:
+        return self.store.node_state_counts()
+
+    def task_states(self) -> dict[str, int]:
+        return self.store.task_state_counts()
+
+    def live_sessions(self) -> int:
+        return len(self.sessions)
 
     # -- users ------------------------------------------------------------------------------
 
@@ -523,7 +540,7 @@ class CoordinatorService:
         now = self.clock()
         logs: list[tuple[int, int, int, bytes]] = []
         freed = False
-        with self.store.transaction():
+        with self.metrics.store_writes.time(), self.store.transaction():
             for event in report.events:
                 task_id, attempt, epoch = event.task
                 if isinstance(event, Log):
@@ -565,6 +582,9 @@ class CoordinatorService:
             backoff_cap=self.retry_backoff[1],
             killed=event.end == "cancelled",
         )
+        started = self.store.attempt_started_at(task_id, attempt)
+        if state is not None and started is not None:
+            self.metrics.task_duration.observe(max(0.0, now - started))
         if state is None:
             self.event(
                 "late_result",
@@ -600,6 +620,10 @@ class CoordinatorService:
         """Place queued tasks on connected nodes, send each node its batch; how many placed."""
         if not self.sessions:
             return 0
+        with self.metrics.scheduling.time():
+            return self._schedule_round()
+
+    def _schedule_round(self) -> int:
         usage = self.store.usage_by_node()
         capacity = []
         for node_id, session in self.sessions.items():
@@ -613,7 +637,8 @@ class CoordinatorService:
         queue = self.store.pending_demands(SCHEDULE_BATCH, self.clock())
         placements = plan_placements(capacity, queue)
         by_node: dict[str, list[Assignment]] = defaultdict(list)
-        assigned = self.store.assign(placements, self.clock())
+        with self.metrics.store_writes.time():
+            assigned = self.store.assign(placements, self.clock())
         for node_id, assignment in assigned:
             by_node[node_id].append(assignment)
         for node_id, assignments in by_node.items():

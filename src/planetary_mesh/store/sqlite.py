@@ -198,6 +198,24 @@ class SQLiteStore:
         with self._tx() as db:
             db.execute("UPDATE nodes SET cert_serial=? WHERE id=?", (str(cert_serial), node_id))
 
+    def node_state_counts(self) -> dict[str, int]:
+        return {
+            str(state): int(count)
+            for state, count in self._db.execute("SELECT state, COUNT(*) FROM nodes GROUP BY state")
+        }
+
+    def task_state_counts(self) -> dict[str, int]:
+        return {
+            str(state): int(count)
+            for state, count in self._db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state")
+        }
+
+    def attempt_started_at(self, task_id: int, attempt: int) -> float | None:
+        row = self._db.execute(
+            "SELECT started_at FROM attempts WHERE task_id=? AND attempt=?", (task_id, attempt)
+        ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
     def node_known(self, node_id: str) -> bool:
         return self._db.execute("SELECT 1 FROM nodes WHERE id=?", (node_id,)).fetchone() is not None
 

@@ -112,6 +112,16 @@ class UserInfo(Strict):
     created_by: str
 
 
+class EventInfo(Strict):
+    seq: int  # ask for events after this one to follow
+    time: float
+    kind: str  # job_submitted, task_placed, task_started, task_ended, node_lost, ...
+    node_id: str | None
+    job_id: str | None
+    task_index: int | None
+    message: str
+
+
 class LoginLink(Strict):
     url: str  # opens once, in a browser, before expires_at
     expires_at: float

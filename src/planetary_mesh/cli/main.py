@@ -17,6 +17,7 @@ import typer
 
 from planetary_mesh.cli import work
 from planetary_mesh.cli.common import ConfigOption, client_for, err_console
+from planetary_mesh.cli.events import events as events_command
 from planetary_mesh.cli.nodes import nodes_app
 from planetary_mesh.cli.tokens import token_app
 from planetary_mesh.cli.users import users_app
@@ -40,6 +41,7 @@ app = typer.Typer(
 )
 app.add_typer(token_app, name="token")
 app.add_typer(users_app, name="users")
+app.command("events")(events_command)
 app.add_typer(nodes_app, name="nodes")
 work.register(app)
 

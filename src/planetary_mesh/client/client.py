@@ -26,6 +26,7 @@ from planetary_mesh.errors import (
 from planetary_mesh.pki import certs, tls
 from planetary_mesh.protocol import (
     AttemptInfo,
+    EventInfo,
     JobInfo,
     JobSubmit,
     LogChunk,
@@ -151,6 +152,12 @@ class Client:
 
     def remove_user(self, name: str) -> None:
         self._request("DELETE", f"/v1/users/{_segment(name)}")
+
+    def events(self, after: int = 0, job: str | None = None, limit: int = 200) -> list[EventInfo]:
+        params: dict[str, Any] = {"after": after, "limit": limit}
+        if job is not None:
+            params["job"] = job
+        return self._models(EventInfo, "GET", "/v1/events", params=params)
 
     def login_link(self) -> LoginLink:
         """A one-time link that signs a browser in as this client's user."""

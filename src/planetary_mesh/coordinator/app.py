@@ -12,6 +12,7 @@ import contextlib
 import html
 import json
 import logging
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
@@ -52,6 +53,7 @@ from planetary_mesh.protocol import (
     AgentMessage,
     AttemptInfo,
     DrainRequest,
+    EventInfo,
     Heartbeat,
     Hello,
     JobInfo,
@@ -272,6 +274,16 @@ def create_app(service: CoordinatorService) -> FastAPI:
     async def remove_user(name: str, who: Admin) -> dict[str, str]:
         service.remove_user(name, who.name)
         return {"removed": name}
+
+    @app.get("/v1/events")
+    async def events(
+        _: User,
+        after: Annotated[int, Query(ge=0, le=2**62)] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+        job: Annotated[str | None, Query(max_length=64)] = None,
+    ) -> list[EventInfo]:
+        """Events after ``after`` (a seq), oldest first; only one job's with ``job``."""
+        return [EventInfo(**asdict(e)) for e in service.store.events(after, limit, job_id=job)]
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(_: User) -> PlainTextResponse:

@@ -195,7 +195,12 @@ class CoordinatorService:
             network=body.network,
         )
         job_id = secrets.token_hex(5)
-        self.store.add_job(job_id, owner, spec, files, self.clock())
+        now = self.clock()
+        with self.metrics.store_writes.time(), self.store.transaction():
+            self.store.add_job(job_id, owner, spec, files, now)
+            tasks = "1 task" if spec.count == 1 else f"{spec.count} tasks"
+            message = f"job {job_id} ({spec.name}, {tasks}) submitted by {owner}"
+            self.store.add_event("job_submitted", message, now, job_id=job_id)
         self.kick()
         return self.job(job_id)
 
@@ -226,6 +231,9 @@ class CoordinatorService:
             session = self.sessions.get(node_id)
             if session:
                 session.send(_cancel_message([assignment], f"cancelled by {by}"))
+        self.store.add_event(
+            "job_cancelled", f"job {job_id} cancelled by {by}", self.clock(), job_id=job_id
+        )
         self.kick()
         return self.job(job_id)
 

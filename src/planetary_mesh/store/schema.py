@@ -135,4 +135,8 @@ MIGRATIONS: list[list[str]] = [
             created_by TEXT NOT NULL
         )""",
     ],
+    [
+        # `mesh events --job`: one job's events without a scan of everyone's.
+        "CREATE INDEX events_by_job ON events (job_id, seq)",
+    ],
 ]

@@ -263,7 +263,31 @@ class SQLiteStore:
                 (now, kind, node_id, job_id, task_index, message),
             )
 
-    def events(self, after: int = 0, limit: int = 1000) -> list[Event]:
+    @staticmethod
+    def _task_events(
+        db: sqlite3.Connection, rows: list[tuple[float, str, str | None, str, int, str]]
+    ) -> None:
+        """Record (time, kind, node_id, job_id, task_index, message) task events, in the
+        transaction of the change they describe."""
+        db.executemany(
+            "INSERT INTO events (time, kind, node_id, job_id, task_index, message)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+
+    @staticmethod
+    def _task_where(db: sqlite3.Connection, task_id: int) -> tuple[str, int, str | None]:
+        job_id, index, node_id = db.execute(
+            "SELECT j.id, t.idx, t.node_id FROM tasks t JOIN jobs j ON j.seq = t.job_seq"
+            " WHERE t.id=?",
+            (task_id,),
+        ).fetchone()
+        return str(job_id), int(index), node_id
+
+    def events(
+        self, after: int = 0, limit: int = 1000, *, job_id: str | None = None
+    ) -> list[Event]:
+        """Events after seq ``after``, oldest first; only ``job_id``'s when given."""
         return [
             Event(
                 seq=r[0],
@@ -276,8 +300,8 @@ class SQLiteStore:
             )
             for r in self._db.execute(
                 "SELECT seq, time, kind, node_id, job_id, task_index, message FROM events"
-                " WHERE seq > ? ORDER BY seq LIMIT ?",
-                (after, limit),
+                " WHERE seq > ? AND (? IS NULL OR job_id = ?) ORDER BY seq LIMIT ?",
+                (after, job_id, job_id, limit),
             )
         ]
 
@@ -625,6 +649,20 @@ class SQLiteStore:
                     )
                 )
             db.execute("UPDATE meta SET value=? WHERE key='epoch'", (str(epoch),))
+            self._task_events(
+                db,
+                [
+                    (
+                        now,
+                        "task_placed",
+                        node_id,
+                        a.job_id,
+                        a.index,
+                        f"task {a.job_id}[{a.index}] attempt {a.attempt} placed on node {node_id}",
+                    )
+                    for node_id, a in assigned
+                ],
+            )
         return assigned
 
     # -- reports from agents (all fenced by attempt and epoch) ------------------------------
@@ -658,6 +696,9 @@ class SQLiteStore:
                 "UPDATE attempts SET state=?, started_at=? WHERE task_id=? AND attempt=?",
                 (AttemptState.RUNNING.value, now, task_id, attempt),
             )
+            job_id, index, on = self._task_where(db, task_id)
+            message = f"task {job_id}[{index}] attempt {attempt} started on node {on}"
+            self._task_events(db, [(now, "task_started", on, job_id, index, message)])
         return True
 
     def record_logs(self, chunks: Iterable[tuple[int, int, int, bytes]]) -> None:
@@ -742,6 +783,10 @@ class SQLiteStore:
                 "INSERT OR REPLACE INTO outputs (task_id, name, data) VALUES (?, ?, ?)",
                 ((task_id, name, data) for name, data in outputs.items()),
             )
+            job_id, index, _ = self._task_where(db, task_id)
+            then = " (it will run again)" if new_state is TaskState.PENDING else ""
+            message = f"task {job_id}[{index}] attempt {attempt} {attempt_state.value}: {reason}"
+            self._task_events(db, [(now, "task_ended", node_id, job_id, index, message + then)])
         return new_state
 
     def _not_current(

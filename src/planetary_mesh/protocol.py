@@ -122,6 +122,23 @@ class EventInfo(Strict):
     message: str
 
 
+class NodeVerdict(Strict):
+    node_id: str
+    name: str
+    fits_now: bool
+    reason: str
+
+
+class WhyInfo(Strict):
+    job_id: str
+    index: int
+    state: str
+    summary: str  # one sentence: why it waits, or how it ended
+    nodes: list[NodeVerdict]  # for a pending task: every node and why it is not chosen
+    attempts: list[AttemptInfo]
+    output_tail: str  # the last lines of its latest attempt's output
+
+
 class LoginLink(Strict):
     url: str  # opens once, in a browser, before expires_at
     expires_at: float

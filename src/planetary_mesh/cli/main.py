@@ -21,6 +21,7 @@ from planetary_mesh.cli.events import events as events_command
 from planetary_mesh.cli.nodes import nodes_app
 from planetary_mesh.cli.tokens import token_app
 from planetary_mesh.cli.users import users_app
+from planetary_mesh.cli.why import why as why_command
 from planetary_mesh.config import (
     DEFAULT_PORT,
     AgentPaths,
@@ -42,6 +43,7 @@ app = typer.Typer(
 app.add_typer(token_app, name="token")
 app.add_typer(users_app, name="users")
 app.command("events")(events_command)
+app.command("why")(why_command)
 app.add_typer(nodes_app, name="nodes")
 work.register(app)
 

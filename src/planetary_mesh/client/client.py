@@ -38,6 +38,7 @@ from planetary_mesh.protocol import (
     TokenInfo,
     UserCreated,
     UserInfo,
+    WhyInfo,
 )
 
 M = TypeVar("M", bound=BaseModel)
@@ -158,6 +159,11 @@ class Client:
         if job is not None:
             params["job"] = job
         return self._models(EventInfo, "GET", "/v1/events", params=params)
+
+    def why(self, job_id: str, index: int = 0) -> WhyInfo:
+        """Why a task is pending (each node's reason) or how it ended."""
+        path = f"/v1/jobs/{_segment(job_id)}/tasks/{index}/why"
+        return self._model(WhyInfo, "GET", path)
 
     def login_link(self) -> LoginLink:
         """A one-time link that signs a browser in as this client's user."""

@@ -65,6 +65,7 @@ from planetary_mesh.protocol import (
     NewToken,
     NodeInfo,
     NodeRemoved,
+    NodeVerdict,
     OutputFile,
     RenewRequest,
     RenewResponse,
@@ -75,6 +76,7 @@ from planetary_mesh.protocol import (
     UserCreate,
     UserCreated,
     UserInfo,
+    WhyInfo,
 )
 
 log = logging.getLogger(__name__)
@@ -274,6 +276,23 @@ def create_app(service: CoordinatorService) -> FastAPI:
     async def remove_user(name: str, who: Admin) -> dict[str, str]:
         service.remove_user(name, who.name)
         return {"removed": name}
+
+    @app.get("/v1/jobs/{job_id}/tasks/{index}/why")
+    async def why(job_id: str, index: TaskIndex, _: User) -> WhyInfo:
+        task, explained, tail = service.why(job_id, index)
+        attempts = service.store.attempts(task.id)
+        return WhyInfo(
+            job_id=job_id,
+            index=index,
+            state=task.state.value,
+            summary=explained.summary,
+            nodes=[
+                NodeVerdict(node_id=n.node_id, name=n.name, fits_now=n.fits_now, reason=n.reason)
+                for n in explained.nodes
+            ],
+            attempts=[_attempt_info(a) for a in attempts],
+            output_tail="\n".join(tail.decode(errors="replace").splitlines()[-10:]),
+        )
 
     @app.get("/v1/events")
     async def events(

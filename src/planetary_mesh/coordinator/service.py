@@ -26,8 +26,9 @@ from planetary_mesh.coordinator.bootstrap import USER_CERT_LIFETIME
 from planetary_mesh.coordinator.browser import BrowserLogins
 from planetary_mesh.coordinator.metrics import Metrics
 from planetary_mesh.coordinator.sessions import AgentSession
+from planetary_mesh.coordinator.why import Explanation, explain_pending, explain_placed
 from planetary_mesh.core.liveness import LivenessPolicy, NodeLiveness, liveness_changes
-from planetary_mesh.core.model import Assignment, Job, JobSpec, UserRecord
+from planetary_mesh.core.model import Assignment, Job, JobSpec, Task, UserRecord
 from planetary_mesh.core.scheduler import NodeCapacity, plan_placements
 from planetary_mesh.core.states import NodeState, TaskState
 from planetary_mesh.errors import NotFound, RequestRejected, TokenError, TrustError
@@ -236,6 +237,27 @@ class CoordinatorService:
         )
         self.kick()
         return self.job(job_id)
+
+    def why(self, job_id: str, index: int) -> tuple[Task, Explanation, bytes]:
+        """Why a task waits or how it ended, and the tail of its latest output."""
+        job = self.job(job_id)
+        task = self.store.task(job_id, index)
+        if task is None:
+            raise NotFound(f"job {job_id} has no task {index} (it has {job.spec.count})")
+        if task.state is TaskState.PENDING:
+            ahead, not_before = self.store.queue_place(task.id)
+            live = {
+                node_id
+                for node_id, record in self.liveness.items()
+                if record.state is NodeState.READY and node_id in self.sessions
+            }
+            explained = explain_pending(
+                job, self.store.nodes(), live, ahead, not_before, self.clock()
+            )
+        else:
+            explained = explain_placed(job, task)
+        tail = self.store.log_tail(task.id, task.attempt) if task.attempt else b""
+        return task, explained, tail
 
     def logs(self, job_id: str, index: int, offset: int, attempt: int | None) -> LogChunk:
         task_id, current = self.task_id(job_id, index)

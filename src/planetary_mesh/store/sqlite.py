@@ -880,6 +880,33 @@ class SQLiteStore:
             end = max(end, chunk_offset + len(chunk))
         return bytes(data), end
 
+    def log_tail(self, task_id: int, attempt: int, size: int = 4096) -> bytes:
+        """About the last ``size`` bytes of an attempt's output (whole stored chunks)."""
+        chunks = self._db.execute(
+            "SELECT data FROM logs WHERE task_id=? AND attempt=? ORDER BY offset DESC LIMIT 8",
+            (task_id, attempt),
+        ).fetchall()
+        return b"".join(reversed([bytes(c[0]) for c in chunks]))[-size:]
+
+    def queue_place(self, task_id: int) -> tuple[int, float | None]:
+        """How many pending tasks the scheduler takes before this pending one (higher
+        priority, or as high and older), and when its retry backoff ends (None: no wait)."""
+        row = self._db.execute(
+            "SELECT j.priority, t.job_seq, t.idx, t.not_before FROM tasks t"
+            " JOIN jobs j ON j.seq = t.job_seq WHERE t.id=?",
+            (task_id,),
+        ).fetchone()
+        if row is None:
+            return 0, None
+        priority, job_seq, index, not_before = row
+        (ahead,) = self._db.execute(
+            "SELECT COUNT(*) FROM tasks t JOIN jobs j ON j.seq = t.job_seq WHERE t.state=?"
+            " AND (j.priority > ? OR (j.priority = ? AND (t.job_seq < ?"
+            " OR (t.job_seq = ? AND t.idx < ?))))",
+            (TaskState.PENDING.value, priority, priority, job_seq, job_seq, index),
+        ).fetchone()
+        return int(ahead), None if not_before is None else float(not_before)
+
     def outputs(self, task_id: int) -> dict[str, bytes]:
         return dict(
             self._db.execute(

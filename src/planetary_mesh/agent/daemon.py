@@ -263,6 +263,18 @@ class Agent:
 
     async def _session(self) -> None:
         self._check_certificate()
+        try:
+            await self._run_session()
+        except websockets.ConnectionClosed as exc:
+            # The refusal may surface in the hello's send, the sender or the receiver.
+            if exc.rcvd is not None and exc.rcvd.code == 4403:
+                raise TrustError(
+                    f"the coordinator refused this agent: {exc.rcvd.reason}; join again "
+                    "with a new token (`mesh token create` on the coordinator)"
+                ) from exc
+            raise
+
+    async def _run_session(self) -> None:
         async with connect(
             self.url,
             ssl=self.ssl,
@@ -302,17 +314,9 @@ class Agent:
                     task.cancel()
 
     async def _receive_loop(self, ws: ClientConnection) -> None:
-        try:
-            async for raw in ws:
-                self.last_renewed = time.monotonic()
-                self._handle(json.loads(raw))
-        except websockets.ConnectionClosed as exc:
-            if exc.rcvd is not None and exc.rcvd.code == 4403:
-                raise TrustError(
-                    f"the coordinator refused this agent: {exc.rcvd.reason}; join again "
-                    "with a new token (`mesh token create` on the coordinator)"
-                ) from exc
-            raise
+        async for raw in ws:
+            self.last_renewed = time.monotonic()
+            self._handle(json.loads(raw))
 
     async def _send_loop(self, ws: ClientConnection) -> None:
         while True:

@@ -9,6 +9,7 @@ import ssl
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -62,7 +63,20 @@ def test_an_agent_renews_its_certificate_and_an_expired_one_is_refused(tmp_path:
                 "the restarted agent's session",
             )
 
-            valid = client_ssl_context(paths.ca_cert.read_bytes(), paths.cert, paths.key)
+            # The contrast for the refusal below: a valid certificate of this node (made here
+            # with the CA, an hour long, so no renewal races it) gets an HTTP answer, a 403
+            # (agents may not call user endpoints).
+            ca = certs.load_cert_pem(mesh.paths.ca_cert.read_bytes())
+            ca_key = certs.load_key_pem(mesh.paths.ca_key.read_bytes())
+            key = certs.generate_key()
+            node_id = certs.identity_of(first).name
+            csr = certs.make_csr(key, "contrast")
+            hour = certs.sign_node_csr(ca, ca_key, csr, node_id, timedelta(hours=1))
+            certs.write_public_file(tmp_path / "hour.pem", certs.cert_to_pem(hour))
+            certs.write_private_file(tmp_path / "hour-key.pem", certs.key_to_pem(key))
+            valid = client_ssl_context(
+                paths.ca_cert.read_bytes(), tmp_path / "hour.pem", tmp_path / "hour-key.pem"
+            )
             with httpx.Client(base_url=mesh.url, verify=valid, timeout=10) as http:
                 assert http.get("/v1/nodes").status_code == 403
 
@@ -76,8 +90,7 @@ def test_an_agent_renews_its_certificate_and_an_expired_one_is_refused(tmp_path:
                 "the certificate to expire",
             )
             # The TLS layer refuses it: no HTTP answer at all (under TLS 1.3 the refusal comes
-            # on the first read), where a valid node certificate gets its answer (a 403: agents
-            # may not call user endpoints).
+            # on the first read), where the valid one above got its answer.
             context = client_ssl_context(paths.ca_cert.read_bytes(), paths.cert, paths.key)
             with (
                 httpx.Client(base_url=mesh.url, verify=context, timeout=10) as http,

@@ -36,7 +36,7 @@ def _scrape(mesh: LocalMesh) -> dict[str, dict[tuple[tuple[str, str], ...], floa
 
 def test_metrics_parse_and_match_the_api(tmp_path: Path) -> None:
     with LocalMesh(tmp_path, agents=2, agent_cpus=1) as mesh, mesh.client() as client:
-        done = client.submit(JobSubmit(argv=["sleep", "0.2"], count=5))
+        done = client.submit(JobSubmit(argv=["sleep", "0.5"], count=5))
         assert wait_job(client, done.id).state == "succeeded"
         stuck = client.submit(JobSubmit(argv=["true"], memory=1024**5))  # fits no node
         wait_for(lambda: client.job(stuck.id, tasks=False).state == "pending", 10, "queued")
@@ -56,7 +56,9 @@ def test_metrics_parse_and_match_the_api(tmp_path: Path) -> None:
         assert samples["mesh_tasks"][(("state", "pending"),)] == pending == 1
         assert samples["mesh_queue_depth"][()] == 1
         assert samples["mesh_task_duration_seconds_count"][()] == 5
-        assert samples["mesh_task_duration_seconds_sum"][()] >= 5 * 0.2
+        # From the start the coordinator heard of to the end it heard of: a little under the
+        # sleep when the start came late, never nothing.
+        assert samples["mesh_task_duration_seconds_sum"][()] > 5 * 0.1
         assert samples["mesh_scheduling_round_seconds_count"][()] >= 1
         assert samples["mesh_store_write_seconds_count"][()] >= 2
         assert samples["mesh_reassignments_total"][()] == 0

@@ -323,7 +323,11 @@ def reap_stale_task_cgroups(
                 continue
             if agent_pid is None and Path(f"/proc/{owner}").exists():
                 continue  # that agent still runs: its tasks are its own business
-            for task_dir in [d for d in base.iterdir() if d.is_dir()]:
+            try:
+                task_dirs = [d for d in base.iterdir() if d.is_dir()]
+            except OSError:  # swept meanwhile by the dead agent's own watchdog
+                continue
+            for task_dir in task_dirs:
                 group = _Group([task_dir], None, v2=is_v2)
                 for _ in range(100):
                     pids = group._pids()

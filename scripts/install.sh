@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything Planetary Mesh needs on Debian 12/13 with Python 3.11: bubblewrap for the
-# sandbox, and a virtual environment in .venv with the package (and, with --dev, test tools).
+# sandbox (and the system python3 for its warm sandboxes' launcher), and a virtual environment in
+# .venv with the package (and, with --dev, test tools).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,6 +9,9 @@ cd "$(dirname "$0")/.."
 # namespaces and partitions.
 need=()
 command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
+# Warm sandboxes run a small launcher under the host's own Python in /usr (the sandbox shows
+# nothing else of the host); without it every task gets a fresh sandbox.
+/usr/bin/python3 -c "import ctypes, socket" >/dev/null 2>&1 || need+=(python3)
 if [ "${1:-}" = "--dev" ]; then
   command -v ip >/dev/null 2>&1 || need+=(iproute2)
   command -v nft >/dev/null 2>&1 || need+=(nftables)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +24,8 @@ import pytest
 from planetary_mesh.config import CoordinatorPaths
 from planetary_mesh.coordinator.bootstrap import init_mesh
 from planetary_mesh.pki import certs
+from planetary_mesh.sandbox.bwrap import bwrap_problem
+from planetary_mesh.sandbox.user import TaskUser, task_user
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -182,3 +185,20 @@ def mesh_cli() -> MeshCli:
         )
 
     return run
+
+
+@pytest.fixture(scope="module")
+def task_account() -> TaskUser:
+    """The real task user, for tests of the real sandbox: they need root (tasks drop to it and
+    cgroups are made by root) and a working bwrap, and fail (never skip) without them."""
+    if os.geteuid() != 0:
+        pytest.fail("needs root: tasks drop to the task user, and cgroups are made by root")
+    executable = shutil.which("bwrap")
+    if executable is None:
+        pytest.fail("bwrap is not installed")
+    user = task_user()
+    assert user is not None
+    problem = bwrap_problem(executable, user)
+    if problem is not None:
+        pytest.fail(problem)
+    return user

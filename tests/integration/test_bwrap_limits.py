@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import tempfile
 import time
@@ -22,7 +21,7 @@ import pytest
 from helpers import kill_leftovers, processes_with
 
 from planetary_mesh.errors import SandboxError
-from planetary_mesh.sandbox.bwrap import BwrapRunner, bwrap_problem
+from planetary_mesh.sandbox.bwrap import BwrapRunner
 from planetary_mesh.sandbox.limits import (
     CGROUP_ROOT,
     OPEN_FILES_LIMIT,
@@ -32,7 +31,7 @@ from planetary_mesh.sandbox.limits import (
     own_cgroups,
 )
 from planetary_mesh.sandbox.runner import EndReason, RunningTask, TaskLaunch, TaskOutcome
-from planetary_mesh.sandbox.user import TaskUser, task_user
+from planetary_mesh.sandbox.user import TaskUser
 
 MIB = 2**20
 CONTROLLERS = {"memory", "cpu", "pids"}
@@ -45,21 +44,6 @@ class Host:
     cgroups: CgroupBackend
     bases: list[Path]  # the per-agent cgroup directories the backend made, one per hierarchy
     mark: str  # in every task's command line
-
-
-@pytest.fixture(scope="module")
-def task_account() -> TaskUser:
-    if os.geteuid() != 0:
-        pytest.fail("needs root: tasks drop to the task user, and cgroups are made by root")
-    executable = shutil.which("bwrap")
-    if executable is None:
-        pytest.fail("bwrap is not installed")
-    user = task_user()
-    assert user is not None
-    problem = bwrap_problem(executable, user)
-    if problem is not None:
-        pytest.fail(problem)
-    return user
 
 
 @pytest.fixture

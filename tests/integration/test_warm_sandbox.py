@@ -10,7 +10,6 @@ Needs root and cgroups, like test_bwrap_limits.py; fails (never skips) elsewhere
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import tempfile
 import time
@@ -24,28 +23,13 @@ import pytest
 from helpers import kill_leftovers, processes_with
 
 from planetary_mesh.errors import SandboxError
-from planetary_mesh.sandbox.bwrap import BwrapRunner, bwrap_problem
+from planetary_mesh.sandbox.bwrap import BwrapRunner
 from planetary_mesh.sandbox.limits import CGROUP_ROOT, Limits, detect_cgroups, own_cgroups
 from planetary_mesh.sandbox.runner import EndReason, RunningTask, TaskLaunch, TaskOutcome
-from planetary_mesh.sandbox.user import TaskUser, task_user
+from planetary_mesh.sandbox.user import TaskUser
 from planetary_mesh.sandbox.warm import LAUNCHER_INSIDE, WarmMode, WarmSandbox
 
 MIB = 2**20
-
-
-@pytest.fixture(scope="module")
-def account() -> TaskUser:
-    if os.geteuid() != 0:
-        pytest.fail("needs root: tasks drop to the task user, and cgroups are made by root")
-    executable = shutil.which("bwrap")
-    if executable is None:
-        pytest.fail("bwrap is not installed")
-    user = task_user()
-    assert user is not None
-    problem = bwrap_problem(executable, user)
-    if problem is not None:
-        pytest.fail(problem)
-    return user
 
 
 @dataclass
@@ -67,7 +51,7 @@ class Jobs:
 
 
 @pytest.fixture
-def jobs(account: TaskUser) -> Iterator[Jobs]:
+def jobs(task_account: TaskUser) -> Iterator[Jobs]:
     root = Path(tempfile.mkdtemp(prefix="pm-warm-test-"))
     root.chmod(0o711)
     made = Jobs(root, f"pm-warm-{uuid.uuid4().hex}")
@@ -163,7 +147,7 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = 10) -
 
 
 def test_tasks_of_a_job_share_one_warm_sandbox_each_in_its_own_directory(
-    jobs: Jobs, account: TaskUser
+    jobs: Jobs, task_account: TaskUser
 ) -> None:
     async def scenario(runner: BwrapRunner) -> None:
         # The job's first task runs in a fresh sandbox while its warm one is made.
@@ -194,10 +178,10 @@ def test_tasks_of_a_job_share_one_warm_sandbox_each_in_its_own_directory(
         outcome, _ = await run(runner, launch(jobs, "job-single", "true", size=1))
         assert outcome.exit_code == 0 and len(sandboxes(runner)) == 1
 
-    drive(jobs, account, WarmMode.AUTO, scenario)
+    drive(jobs, task_account, WarmMode.AUTO, scenario)
 
 
-def test_different_jobs_never_share_a_sandbox(jobs: Jobs, account: TaskUser) -> None:
+def test_different_jobs_never_share_a_sandbox(jobs: Jobs, task_account: TaskUser) -> None:
     async def scenario(runner: BwrapRunner) -> None:
         outcome, output = await run(runner, launch(jobs, "job-a", "echo from-a > /tmp/note"))
         assert outcome.exit_code == 0, output
@@ -211,11 +195,11 @@ def test_different_jobs_never_share_a_sandbox(jobs: Jobs, account: TaskUser) -> 
         outcome, output = await run(runner, spy)
         assert "No such file" in output, output
 
-    drive(jobs, account, WarmMode.ALWAYS, scenario)
+    drive(jobs, task_account, WarmMode.ALWAYS, scenario)
 
 
 def test_a_warm_task_keeps_its_own_cgroup_limits_and_exit_status(
-    jobs: Jobs, account: TaskUser
+    jobs: Jobs, task_account: TaskUser
 ) -> None:
     async def scenario(runner: BwrapRunner) -> None:
         outcome, output = await run(runner, launch(jobs, "job", "cat /proc/self/cgroup"))
@@ -252,11 +236,11 @@ def test_a_warm_task_keeps_its_own_cgroup_limits_and_exit_status(
             await run(runner, missing)
         assert sandboxes(runner) == [sandbox] and sandbox.ready  # none of it hurt the sandbox
 
-    drive(jobs, account, WarmMode.ALWAYS, scenario)
+    drive(jobs, task_account, WarmMode.ALWAYS, scenario)
 
 
 def test_cancel_kills_a_warm_tasks_daemonised_children_and_leaves_its_neighbours(
-    jobs: Jobs, account: TaskUser
+    jobs: Jobs, task_account: TaskUser
 ) -> None:
     async def scenario(runner: BwrapRunner) -> None:
         neighbour = await runner.start(launch(jobs, "job", "sleep 30"), lambda _: None)
@@ -276,10 +260,10 @@ def test_cancel_kills_a_warm_tasks_daemonised_children_and_leaves_its_neighbours
         neighbour.cancel("done")
         assert (await neighbour.wait()).reason is EndReason.CANCELLED
 
-    drive(jobs, account, WarmMode.ALWAYS, scenario)
+    drive(jobs, task_account, WarmMode.ALWAYS, scenario)
 
 
-def test_no_task_can_kill_or_trace_the_launcher(jobs: Jobs, account: TaskUser) -> None:
+def test_no_task_can_kill_or_trace_the_launcher(jobs: Jobs, task_account: TaskUser) -> None:
     async def scenario(runner: BwrapRunner) -> None:
         attack = (
             "for s in KILL TERM INT HUP QUIT USR1; do kill -$s 1; done; kill -9 -1;"
@@ -292,11 +276,11 @@ def test_no_task_can_kill_or_trace_the_launcher(jobs: Jobs, account: TaskUser) -
         assert outcome.exit_code == 0 and output == "still-warm\n"
         assert sandboxes(runner) == [sandbox] and sandbox.ready
 
-    drive(jobs, account, WarmMode.ALWAYS, scenario)
+    drive(jobs, task_account, WarmMode.ALWAYS, scenario)
 
 
 def test_an_idle_warm_sandbox_closes_and_leaves_nothing_behind(
-    jobs: Jobs, account: TaskUser
+    jobs: Jobs, task_account: TaskUser
 ) -> None:
     async def scenario(runner: BwrapRunner) -> None:
         outcome, _ = await run(runner, launch(jobs, "job", "true"))
@@ -311,11 +295,11 @@ def test_an_idle_warm_sandbox_closes_and_leaves_nothing_behind(
         outcome, _ = await run(runner, launch(jobs, "job", "true"))
         assert outcome.exit_code == 0 and len(sandboxes(runner)) == 1
 
-    drive(jobs, account, WarmMode.ALWAYS, scenario, idle_s=0.3)
+    drive(jobs, task_account, WarmMode.ALWAYS, scenario, idle_s=0.3)
 
 
 def test_closing_the_runner_kills_warm_sandboxes_and_their_tasks(
-    jobs: Jobs, account: TaskUser
+    jobs: Jobs, task_account: TaskUser
 ) -> None:
     async def scenario(runner: BwrapRunner) -> None:
         task = await runner.start(launch(jobs, "job", "sleep 300"), lambda _: None)
@@ -330,15 +314,15 @@ def test_closing_the_runner_kills_warm_sandboxes_and_their_tasks(
         assert processes_with(jobs.mark) == []
         assert cgroup_dirs(runner) == []
 
-    drive(jobs, account, WarmMode.ALWAYS, scenario)
+    drive(jobs, task_account, WarmMode.ALWAYS, scenario)
 
 
 def test_warm_sandboxes_off_or_without_cgroups_mean_a_fresh_sandbox_per_task(
-    jobs: Jobs, account: TaskUser
+    jobs: Jobs, task_account: TaskUser
 ) -> None:
-    off = BwrapRunner(user=account, cgroups=detect_cgroups(), warm=WarmMode.OFF)
+    off = BwrapRunner(user=task_account, cgroups=detect_cgroups(), warm=WarmMode.OFF)
     jobs.runners.append(off)
-    plain = BwrapRunner(user=account, warm=WarmMode.ALWAYS)  # no cgroups: no whole-task kill
+    plain = BwrapRunner(user=task_account, warm=WarmMode.ALWAYS)  # no cgroups: no whole-task kill
     jobs.runners.append(plain)
     for runner in (off, plain):
         assert runner.warm is None
@@ -349,10 +333,12 @@ def test_warm_sandboxes_off_or_without_cgroups_mean_a_fresh_sandbox_per_task(
             assert outcome.exit_code == 0 and LAUNCHER_INSIDE not in output
 
         asyncio.run(scenario())
-    assert "warm sandbox per job" in make_runner(jobs, account, WarmMode.AUTO).describe()
+    assert "warm sandbox per job" in make_runner(jobs, task_account, WarmMode.AUTO).describe()
 
 
-def test_many_warm_tasks_at_once_each_get_their_own_result(jobs: Jobs, account: TaskUser) -> None:
+def test_many_warm_tasks_at_once_each_get_their_own_result(
+    jobs: Jobs, task_account: TaskUser
+) -> None:
     async def scenario(runner: BwrapRunner) -> None:
         launches = [launch(jobs, "job", f"echo $PWD; exit {i % 7}") for i in range(40)]
         results = await asyncio.gather(*(run(runner, one) for one in launches))
@@ -361,14 +347,14 @@ def test_many_warm_tasks_at_once_each_get_their_own_result(jobs: Jobs, account: 
             assert output == f"/work/{one.workdir.name}\n"
         assert len(sandboxes(runner)) == 1
 
-    drive(jobs, account, WarmMode.ALWAYS, scenario)
+    drive(jobs, task_account, WarmMode.ALWAYS, scenario)
 
 
 def test_a_full_pool_makes_room_by_closing_an_idle_jobs_sandbox(
-    jobs: Jobs, account: TaskUser
+    jobs: Jobs, task_account: TaskUser
 ) -> None:
     runner = BwrapRunner(
-        user=account, cgroups=detect_cgroups(), warm=WarmMode.ALWAYS, warm_pool_size=2
+        user=task_account, cgroups=detect_cgroups(), warm=WarmMode.ALWAYS, warm_pool_size=2
     )
     jobs.runners.append(runner)
 

@@ -511,22 +511,11 @@ class WarmPool:
 async def _receive(sock: socket.socket) -> tuple[bytes, int | None]:
     """One message from a non-blocking SOCK_SEQPACKET socket (b"" at EOF), and the sender's
     pid as this process sees it, where the socket has SO_PASSCRED."""
-    loop = asyncio.get_running_loop()
     while True:
         try:
             data, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(_CREDENTIALS.size))
         except BlockingIOError:
-            ready: asyncio.Future[None] = loop.create_future()
-
-            def on_readable(ready: asyncio.Future[None] = ready) -> None:
-                if not ready.done():
-                    ready.set_result(None)
-
-            loop.add_reader(sock.fileno(), on_readable)
-            try:
-                await ready
-            finally:
-                loop.remove_reader(sock.fileno())
+            await readable(sock.fileno())
             continue
         pid = None
         for level, kind, payload in ancillary:

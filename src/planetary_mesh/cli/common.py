@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from planetary_mesh.client import Client
+from planetary_mesh.units import format_duration
 
 console = Console()
 err_console = Console(stderr=True)
@@ -57,3 +58,10 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[str
     for row in rows:
         grid.add_row(*row)
     console.print(grid)
+
+
+def relative_time(seconds: float) -> str:
+    """A moment relative to now: ``in 5m00s`` ahead, ``2h03m ago`` behind."""
+    if seconds >= 0:
+        return "in " + format_duration(seconds)
+    return format_duration(-seconds) + " ago"

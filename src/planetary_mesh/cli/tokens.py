@@ -14,10 +14,11 @@ from planetary_mesh.cli.common import (
     OutputOption,
     client_for,
     print_json,
+    relative_time,
     table,
 )
 from planetary_mesh.errors import ConfigError
-from planetary_mesh.units import format_duration, parse_duration
+from planetary_mesh.units import parse_duration
 
 token_app = typer.Typer(help="Join tokens for new agents.", no_args_is_help=True)
 
@@ -55,8 +56,8 @@ def token_list(config: ConfigOption = None, output: OutputOption = OutputFormat.
                 t.id,
                 t.state,
                 "unlimited" if t.uses_left is None else str(t.uses_left),
-                _relative(t.expires_at - now),
-                _relative(t.created_at - now),
+                relative_time(t.expires_at - now),
+                relative_time(t.created_at - now),
             ]
             for t in found
         ],
@@ -72,9 +73,3 @@ def token_revoke(
     with client_for(config) as client:
         revoked = client.revoke_token(token_id)
     print(f"token {revoked.id} revoked")
-
-
-def _relative(seconds: float) -> str:
-    if seconds >= 0:
-        return "in " + format_duration(seconds)
-    return format_duration(-seconds) + " ago"

@@ -15,12 +15,12 @@ from planetary_mesh.cli.common import (
     OutputOption,
     client_for,
     print_json,
+    relative_time,
     table,
 )
 from planetary_mesh.config import write_client_config
 from planetary_mesh.errors import ConfigError
 from planetary_mesh.pki import certs
-from planetary_mesh.units import format_duration
 
 users_app = typer.Typer(help="People with access: add, list, remove.", no_args_is_help=True)
 NameArg = Annotated[str, typer.Argument(metavar="NAME", help="The person's user name.")]
@@ -81,7 +81,7 @@ def users_list(config: ConfigOption = None, output: OutputOption = OutputFormat.
             [
                 u.name,
                 "admin" if u.admin else "user",
-                "in " + format_duration(max(0.0, u.expires_at - now)),
+                relative_time(u.expires_at - now),
                 u.created_by,
             ]
             for u in found

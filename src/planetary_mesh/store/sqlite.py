@@ -12,7 +12,7 @@ import json
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -274,15 +274,6 @@ class SQLiteStore:
             " VALUES (?, ?, ?, ?, ?, ?)",
             rows,
         )
-
-    @staticmethod
-    def _task_where(db: sqlite3.Connection, task_id: int) -> tuple[str, int, str | None]:
-        job_id, index, node_id = db.execute(
-            "SELECT j.id, t.idx, t.node_id FROM tasks t JOIN jobs j ON j.seq = t.job_seq"
-            " WHERE t.id=?",
-            (task_id,),
-        ).fetchone()
-        return str(job_id), int(index), node_id
 
     def events(
         self, after: int = 0, limit: int = 1000, *, job_id: str | None = None
@@ -669,16 +660,17 @@ class SQLiteStore:
 
     def _current(
         self, db: sqlite3.Connection, task_id: int, attempt: int, epoch: int, node_id: str | None
-    ) -> tuple[TaskState, int, str] | None:
+    ) -> _Current | None:
         """The task if ``(attempt, epoch)`` is its current, active attempt (on ``node_id``)."""
         row = db.execute(
-            "SELECT t.state, t.failures, j.spec FROM tasks t JOIN jobs j ON j.seq = t.job_seq"
+            "SELECT t.state, t.failures, j.spec, j.id, t.idx, t.node_id FROM tasks t"
+            " JOIN jobs j ON j.seq = t.job_seq"
             " WHERE t.id=? AND t.attempt=? AND t.epoch=? AND t.node_id=COALESCE(?, t.node_id)",
             (task_id, attempt, epoch, node_id),
         ).fetchone()
         if row is None or not TaskState(row[0]).active:
             return None
-        return TaskState(row[0]), row[1], row[2]
+        return _Current(TaskState(row[0]), row[1], row[2], row[3], row[4], row[5])
 
     def record_started(
         self, task_id: int, attempt: int, epoch: int, now: float, *, node_id: str | None = None
@@ -686,19 +678,20 @@ class SQLiteStore:
         """Fenced: only the current attempt (on ``node_id`` when given) can start."""
         with self._tx() as db:
             current = self._current(db, task_id, attempt, epoch, node_id)
-            if current is None or current[0] is not TaskState.ASSIGNED:
+            if current is None or current.state is not TaskState.ASSIGNED:
                 return False
             db.execute(
                 "UPDATE tasks SET state=?, started_at=? WHERE id=?",
-                (next_task_state(current[0], TaskEvent.START).value, now, task_id),
+                (next_task_state(current.state, TaskEvent.START).value, now, task_id),
             )
             db.execute(
                 "UPDATE attempts SET state=?, started_at=? WHERE task_id=? AND attempt=?",
                 (AttemptState.RUNNING.value, now, task_id, attempt),
             )
-            job_id, index, on = self._task_where(db, task_id)
-            message = f"task {job_id}[{index}] attempt {attempt} started on node {on}"
-            self._task_events(db, [(now, "task_started", on, job_id, index, message)])
+            where = f"task {current.job_id}[{current.index}] attempt {attempt}"
+            message = f"{where} started on node {current.node_id}"
+            row = (now, "task_started", current.node_id, current.job_id, current.index, message)
+            self._task_events(db, [row])
         return True
 
     def record_logs(self, chunks: Iterable[tuple[int, int, int, bytes]]) -> None:
@@ -737,8 +730,8 @@ class SQLiteStore:
                 return self._not_current(
                     db, task_id, attempt, epoch, node_id, reason, exit_code, killed
                 )
-            state, failures, spec_json = current
-            retries = int(json.loads(spec_json)["retries"])
+            state, failures = current.state, current.failures
+            retries = int(json.loads(current.spec_json)["retries"])
             if not succeeded and counts_against_retries:
                 failures += 1
             event = end_event(succeeded, counts_against_retries, failures, retries)
@@ -783,10 +776,11 @@ class SQLiteStore:
                 "INSERT OR REPLACE INTO outputs (task_id, name, data) VALUES (?, ?, ?)",
                 ((task_id, name, data) for name, data in outputs.items()),
             )
-            job_id, index, _ = self._task_where(db, task_id)
             then = " (it will run again)" if new_state is TaskState.PENDING else ""
-            message = f"task {job_id}[{index}] attempt {attempt} {attempt_state.value}: {reason}"
-            self._task_events(db, [(now, "task_ended", node_id, job_id, index, message + then)])
+            where = f"task {current.job_id}[{current.index}] attempt {attempt}"
+            message = f"{where} {attempt_state.value}: {reason}{then}"
+            row = (now, "task_ended", current.node_id, current.job_id, current.index, message)
+            self._task_events(db, [row])
         return new_state
 
     def _not_current(
@@ -913,6 +907,18 @@ class SQLiteStore:
                 "SELECT name, data FROM outputs WHERE task_id=? ORDER BY name", (task_id,)
             )
         )
+
+
+@dataclass(frozen=True)
+class _Current:
+    """A task's active attempt, as the fenced report handlers need it."""
+
+    state: TaskState
+    failures: int
+    spec_json: str
+    job_id: str
+    index: int
+    node_id: str | None
 
 
 def _spec_from_json(text: str) -> JobSpec:

@@ -20,6 +20,8 @@ LOG_MARKER_ROOM = 1024  # past an agent's own log limit, for its "truncated" lin
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9._+-]{1,255}$")
+LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+MAX_LABELS = 32
 
 
 def _flat_name(name: str) -> str:
@@ -52,7 +54,22 @@ def _finite(value: float) -> float:
     return value
 
 
+def _labels(labels: dict[str, str]) -> dict[str, str]:
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"at most {MAX_LABELS} labels")
+    for key, value in labels.items():
+        if not LABEL_KEY.match(key):
+            raise ValueError(
+                f"label name {key!r} must be 1-63 letters, digits, . _ / - (starting with a"
+                " letter or digit)"
+            )
+        if len(value) > 128:
+            raise ValueError(f"label {key}'s value is longer than 128 characters")
+    return labels
+
+
 FlatName = Annotated[str, AfterValidator(_flat_name)]
+Labels = Annotated[dict[str, str], AfterValidator(_labels)]
 Finite = Annotated[float, AfterValidator(_finite)]
 
 
@@ -229,13 +246,46 @@ class NodeInfo(Strict):
     state: str
     cpus: float
     memory: int
-    used_cpus: float
+    used_cpus: float  # held by the mesh's running tasks
     used_memory: int
     running: int
     sandbox: str
     version: str
     last_seen: float
     drain_deadline: float | None = None
+    labels: dict[str, str] = {}
+    gpus: int = 0
+    cpu_percent: float | None = None  # the whole machine's, owner's work included; live nodes
+    memory_in_use: int | None = None
+
+
+class NodeAttemptInfo(Strict):
+    """An attempt in a node's history: which task it was and how it went."""
+
+    job_id: str
+    index: int
+    attempt: int
+    state: str
+    exit_code: int | None
+    reason: str | None
+    assigned_at: float
+    started_at: float | None
+    ended_at: float | None
+
+
+class ThroughputInfo(Strict):
+    since: float
+    bucket_seconds: float
+    succeeded: list[int]  # tasks that ended in slot i, from since + i * bucket_seconds
+    failed: list[int]
+    other: list[int]  # cancelled, or lost for good
+
+
+class OverviewInfo(Strict):
+    nodes: dict[str, int]  # by state, and "total"
+    tasks: dict[str, int]  # by state
+    throughput: ThroughputInfo
+    events: list[EventInfo]  # the latest, newest last
 
 
 class LogChunk(Strict):
@@ -256,6 +306,14 @@ class OutputFile(Strict):
 TaskRef = tuple[int, int, int]  # (task_id, attempt, epoch): every message about running work
 
 
+class Usage(Strict):
+    """What the agent's machine is doing now, the owner's own work included: for people to
+    see on the dashboard, never for scheduling (that counts what the mesh's tasks hold)."""
+
+    cpu_percent: Finite = Field(ge=0, le=100)
+    memory_in_use: int = Field(ge=0)
+
+
 class Hello(Strict):
     type: Literal["hello"]
     name: str = Field(max_length=128)
@@ -263,6 +321,9 @@ class Hello(Strict):
     memory: int = Field(gt=0)
     sandbox: str = Field(max_length=256)  # what the node enforces, for `mesh nodes`
     version: str = Field(max_length=64)
+    labels: Labels = Field(default_factory=dict)
+    gpus: int = Field(default=0, ge=0, le=256)
+    usage: Usage | None = None
     held: list[TaskRef] = Field(max_length=100_000)  # attempts running or with unacked results
 
 
@@ -297,10 +358,12 @@ class Report(Strict):
     type: Literal["report"]
     seq: int
     events: list[Event] = Field(max_length=100_000)
+    usage: Usage | None = None
 
 
 class Heartbeat(Strict):
     type: Literal["heartbeat"]
+    usage: Usage | None = None
 
 
 AgentMessage = Annotated[Hello | Report | Heartbeat, Field(discriminator="type")]

@@ -25,6 +25,8 @@ CHECKS = ",".join(
     ]
 )
 
+STREAM = "/v1/events/stream"
+
 
 class Coordinator(Protocol):
     @property
@@ -48,6 +50,9 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(
             "--max-examples", "15",
             "--seed", "20261127",  # the same requests every run: a failure here is reproducible
             "--no-color",
+            # A server-sent event stream never ends by design, so each generated request would
+            # wait out a timeout; test_dashboard_api.py checks its parameters and its stream.
+            "--exclude-path", STREAM,
         ],
         capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
@@ -55,4 +60,5 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     selected = re.search(r"Selected: (\d+)/(\d+)", done.stdout)
     tested = re.search(r"Tested: (\d+)", done.stdout)
     assert selected and tested, done.stdout[-3000:]
-    assert selected[1] == selected[2] == tested[1] and int(tested[1]) > 20  # every operation
+    # Every operation but the stream.
+    assert int(selected[1]) == int(selected[2]) - 1 == int(tested[1]) > 20

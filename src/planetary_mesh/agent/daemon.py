@@ -27,6 +27,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from planetary_mesh import __version__
+from planetary_mesh.agent import probe
 from planetary_mesh.config import AgentPaths
 from planetary_mesh.errors import MeshError, TrustError
 from planetary_mesh.pki import certs, tls
@@ -128,6 +129,8 @@ class Agent:
         memory: int,
         task_disk: int = DEFAULT_TASK_DISK,
         task_log: int = DEFAULT_TASK_LOG,
+        labels: dict[str, str] | None = None,
+        gpus: int = 0,
     ) -> None:
         self.base = coordinator.rstrip("/")
         self.url = self.base.replace("https://", "wss://", 1) + "/v1/agent/session"
@@ -142,6 +145,9 @@ class Agent:
         self.name = name
         self.cpus = cpus
         self.memory = memory
+        self.labels = dict(labels or {})
+        self.gpus = gpus
+        self.usage = probe.UsageSampler()
         self.ssl = tls.client_ssl_context(paths.ca_cert.read_bytes(), paths.cert, paths.key)
         self.jobs: dict[str, JobInfo] = {}
         self.running: dict[TaskRef, RunningTask | None] = {}
@@ -293,6 +299,9 @@ class Agent:
                         "memory": self.memory,
                         "sandbox": self.runner.describe(),
                         "version": __version__,
+                        "labels": self.labels,
+                        "gpus": self.gpus,
+                        "usage": self.usage.sample(),
                         "held": [list(ref) for ref in held],
                     }
                 )
@@ -323,11 +332,14 @@ class Agent:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.outbox.ready.wait(), self.heartbeat_interval)
             report = self.outbox.take()
+            usage = self.usage.sample()
             if report is None:
-                await ws.send('{"type":"heartbeat"}')
+                await ws.send(json.dumps({"type": "heartbeat", "usage": usage}))
                 continue
             seq, events = report
-            await ws.send(json.dumps({"type": "report", "seq": seq, "events": events}))
+            await ws.send(
+                json.dumps({"type": "report", "seq": seq, "events": events, "usage": usage})
+            )
 
     # -- messages from the coordinator ------------------------------------------------------
 

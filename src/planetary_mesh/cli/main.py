@@ -196,6 +196,10 @@ def agent(
             " always, or off (a fresh sandbox for every task).",
         ),
     ] = "auto",
+    label: Annotated[
+        list[str] | None,
+        typer.Option("--label", help="KEY=VALUE shown with the node (room=lab); repeatable."),
+    ] = None,
 ) -> None:
     """Join a mesh (first start, with a token) and run the tasks it assigns."""
     import socket
@@ -207,6 +211,7 @@ def agent(
 
     if warm_sandboxes not in ("auto", "always", "off"):
         raise ConfigError(f"bad --warm-sandboxes {warm_sandboxes!r}: use auto, always or off")
+    labels = _parse_labels(label or [])
     _daemon_logging()
     disk = parse_size(task_disk)
     paths = AgentPaths(data_dir or default_data_dir("agent"))
@@ -235,8 +240,27 @@ def agent(
         memory=parse_size(memory) if memory else probe.detect_memory(),
         task_disk=disk,
         task_log=parse_size(task_log),
+        labels=labels,
+        gpus=probe.detect_gpus(),
     )
     asyncio.run(daemon.run())
+
+
+def _parse_labels(given: list[str]) -> dict[str, str]:
+    from planetary_mesh.protocol import LABEL_KEY, MAX_LABELS
+
+    labels: dict[str, str] = {}
+    for item in given:
+        key, sep, value = item.partition("=")
+        if not sep or not LABEL_KEY.match(key) or len(value) > 128:
+            raise ConfigError(
+                f"bad --label {item!r}: write KEY=VALUE, KEY of letters, digits, . _ / -"
+                " (at most 63), VALUE at most 128 characters"
+            )
+        labels[key] = value
+    if len(labels) > MAX_LABELS:
+        raise ConfigError(f"too many --label options: at most {MAX_LABELS}")
+    return labels
 
 
 @app.command()

@@ -9,37 +9,32 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import html
 import json
 import logging
 from dataclasses import asdict
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
-from fastapi import Path as PathParam
+from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import (
-    HTMLResponse,
     JSONResponse,
     PlainTextResponse,
-    RedirectResponse,
     Response,
 )
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
 
 from planetary_mesh import __version__
+from planetary_mesh.coordinator import dashboard, views
 from planetary_mesh.coordinator.browser import (
     COOKIE,
     CSRF_HEADER,
     SAFE_METHODS,
-    BrowserSession,
 )
+from planetary_mesh.coordinator.deps import Admin, Identity, TaskIndex, User
 from planetary_mesh.coordinator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from planetary_mesh.coordinator.peer_cert import peer_cert_der
 from planetary_mesh.coordinator.service import CoordinatorService
-from planetary_mesh.core.model import Attempt, Job, Node, Task
-from planetary_mesh.core.states import TaskState
 from planetary_mesh.errors import (
     MeshError,
     NotFound,
@@ -48,7 +43,6 @@ from planetary_mesh.errors import (
 )
 from planetary_mesh.pki import certs
 from planetary_mesh.protocol import (
-    MAX_ARRAY,
     MAX_REQUEST_BYTES,
     AgentMessage,
     AttemptInfo,
@@ -61,7 +55,6 @@ from planetary_mesh.protocol import (
     JoinRequest,
     JoinResponse,
     LogChunk,
-    LoginLink,
     NewToken,
     NodeInfo,
     NodeRemoved,
@@ -70,7 +63,6 @@ from planetary_mesh.protocol import (
     RenewRequest,
     RenewResponse,
     Report,
-    TaskInfo,
     TokenCreate,
     TokenInfo,
     UserCreate,
@@ -82,36 +74,6 @@ from planetary_mesh.protocol import (
 log = logging.getLogger(__name__)
 _agent_messages: TypeAdapter[Hello | Report | Heartbeat] = TypeAdapter(AgentMessage)
 _OPEN_PATHS = ("/healthz", "/v1/join", "/login")
-
-
-def identity(request: Request) -> certs.Identity:
-    der = peer_cert_der(request.scope)
-    if der is None:  # the middleware let it in on a browser session's cookie
-        browser: BrowserSession = request.state.browser
-        who = browser.user
-    else:
-        who = certs.identity_of_der(der)
-    service: CoordinatorService = request.app.state.service
-    service.check_not_denied(who)
-    return who
-
-
-def user(who: Annotated[certs.Identity, Depends(identity)]) -> certs.Identity:
-    if who.kind is not certs.PeerKind.USER:
-        raise RequestRejected("this endpoint is for users; agents may not call it", 403)
-    return who
-
-
-def admin(who: Annotated[certs.Identity, Depends(user)]) -> certs.Identity:
-    if not who.admin:
-        raise RequestRejected("only an admin may do this", 403)
-    return who
-
-
-Identity = Annotated[certs.Identity, Depends(identity)]
-User = Annotated[certs.Identity, Depends(user)]
-Admin = Annotated[certs.Identity, Depends(admin)]
-TaskIndex = Annotated[int, PathParam(ge=0, lt=MAX_ARRAY)]
 
 
 def create_app(service: CoordinatorService) -> FastAPI:
@@ -129,6 +91,13 @@ def create_app(service: CoordinatorService) -> FastAPI:
         if request.url.path in _OPEN_PATHS or peer_cert_der(request.scope) is not None:
             return await call_next(request)
         session = service.browser.session(request.cookies.get(COOKIE))
+        if session is None and request.url.path == "/":
+            return dashboard.message_page(
+                "Sign in to Planetary Mesh",
+                "Run `mesh dashboard` on a machine with your mesh credentials and open the"
+                " one-time link it prints.",
+                401,
+            )
         if session is None:
             return _error(
                 401,
@@ -137,7 +106,7 @@ def create_app(service: CoordinatorService) -> FastAPI:
             )
         if request.method not in SAFE_METHODS:
             origin = request.headers.get("origin")
-            if origin is not None and origin != _origin_of(request):
+            if origin is not None and origin != dashboard.origin_of(request):
                 return _error(403, f"refused: this request comes from another site ({origin})")
             if not session.csrf_matches(request.headers.get(CSRF_HEADER)):
                 return _error(
@@ -202,24 +171,32 @@ def create_app(service: CoordinatorService) -> FastAPI:
 
     @app.post("/v1/jobs", status_code=201)
     async def submit(body: JobSubmit, who: User) -> JobInfo:
-        return _job_info(service.submit(who.name, body))
+        return views.job_info(service.submit(who.name, body))
 
     @app.get("/v1/jobs")
-    async def jobs(_: User, limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[JobInfo]:
-        return [_job_info(job) for job in service.store.jobs(limit)]
+    async def jobs(
+        response: Response,
+        _: User,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+        offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    ) -> list[JobInfo]:
+        """Jobs, newest first; ``offset`` pages on, and X-Total-Count says how many there are."""
+        page, total = service.store.job_page(offset, limit)
+        response.headers["X-Total-Count"] = str(total)
+        return [views.job_info(job) for job in page]
 
     @app.get("/v1/jobs/{job_id}")
     async def job(job_id: str, _: User, tasks: bool = True) -> JobInfo:
         """One job; with ``tasks=false`` only its counts, cheap enough to poll."""
         found = service.job(job_id)
         if not tasks:
-            return _job_info(found)
+            return views.job_info(found)
         history = service.store.attempts_of_job(job_id)
-        return _job_info(found, service.store.tasks(job_id), history)
+        return views.job_info(found, service.store.tasks(job_id), history)
 
     @app.post("/v1/jobs/{job_id}/cancel")
     async def cancel(job_id: str, who: User) -> JobInfo:
-        return _job_info(service.cancel(job_id, who.name, who.admin))
+        return views.job_info(service.cancel(job_id, who.name, who.admin))
 
     @app.get("/v1/jobs/{job_id}/tasks/{index}/logs")
     async def logs(
@@ -228,8 +205,10 @@ def create_app(service: CoordinatorService) -> FastAPI:
         _: User,
         offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
         attempt: Annotated[int | None, Query(ge=1, le=2**31)] = None,
+        tail: Annotated[int | None, Query(ge=1, le=2**62)] = None,
     ) -> LogChunk:
-        return service.logs(job_id, index, offset, attempt)
+        """Output from byte ``offset`` on; with ``tail``, only about its last ``tail`` bytes."""
+        return service.logs(job_id, index, offset, attempt, tail)
 
     @app.get("/v1/jobs/{job_id}/tasks/{index}/outputs")
     async def outputs(job_id: str, index: TaskIndex, _: User) -> list[OutputFile]:
@@ -242,21 +221,21 @@ def create_app(service: CoordinatorService) -> FastAPI:
     @app.get("/v1/jobs/{job_id}/tasks/{index}/attempts")
     async def attempts(job_id: str, index: TaskIndex, _: User) -> list[AttemptInfo]:
         task_id, _attempt = service.task_id(job_id, index)
-        return [_attempt_info(a) for a in service.store.attempts(task_id)]
+        return [views.attempt_info(a) for a in service.store.attempts(task_id)]
 
     @app.get("/v1/nodes")
     async def nodes(_: User) -> list[NodeInfo]:
-        return [_node_info(node) for node in service.store.nodes()]
+        return views.nodes(service)
 
     @app.post("/v1/nodes/{node_id}/drain")
     async def drain(node_id: str, body: DrainRequest, who: Admin) -> NodeInfo:
         service.drain(node_id, body.deadline, who.name)
-        return _node(service, node_id)
+        return views.node(service, node_id)
 
     @app.post("/v1/nodes/{node_id}/undrain")
     async def undrain(node_id: str, who: Admin) -> NodeInfo:
         service.undrain(node_id, who.name)
-        return _node(service, node_id)
+        return views.node(service, node_id)
 
     @app.delete("/v1/nodes/{node_id}")
     async def remove_node(node_id: str, who: Admin) -> NodeRemoved:
@@ -290,7 +269,7 @@ def create_app(service: CoordinatorService) -> FastAPI:
                 NodeVerdict(node_id=n.node_id, name=n.name, fits_now=n.fits_now, reason=n.reason)
                 for n in explained.nodes
             ],
-            attempts=[_attempt_info(a) for a in attempts],
+            attempts=[views.attempt_info(a) for a in attempts],
             output_tail="\n".join(tail.decode(errors="replace").splitlines()[-10:]),
         )
 
@@ -309,51 +288,7 @@ def create_app(service: CoordinatorService) -> FastAPI:
         """Prometheus text format; authenticated like everything else."""
         return PlainTextResponse(service.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
-    @app.post("/v1/dashboard/login")
-    async def login_link(request: Request, who: User) -> LoginLink:
-        if peer_cert_der(request.scope) is None:
-            raise RequestRejected("login links are made with a client certificate", 403)
-        secret, expires = service.browser.create_link(who)
-        url = f"{_origin_of(request)}/login?token={secret}"
-        return LoginLink(url=url, expires_at=expires)
-
-    @app.get(
-        "/login",
-        response_class=RedirectResponse,
-        status_code=303,
-        responses={303: {"description": "Signed in: a session cookie, and on to /"}},
-    )
-    async def login(token: Annotated[str, Query(max_length=256)] = "") -> Response:
-        cookie, session = service.browser.redeem(token)
-        response = RedirectResponse("/", status_code=303, headers=_PRIVATE_PAGE)
-        response.set_cookie(
-            COOKIE,
-            cookie,
-            max_age=int(session.expires_at - service.clock()),
-            path="/",
-            secure=True,
-            httponly=True,
-            samesite="strict",
-        )
-        return response
-
-    @app.get("/", response_class=HTMLResponse)
-    async def home(request: Request, who: User) -> HTMLResponse:
-        browser: BrowserSession | None = getattr(request.state, "browser", None)
-        role = "admin" if who.admin else "user"
-        page = _HOME.format(
-            csrf=html.escape(browser.csrf if browser else ""),
-            name=html.escape(who.name),
-            role=role,
-        )
-        return HTMLResponse(page, headers=_PRIVATE_PAGE)
-
-    @app.post("/logout")
-    async def logout(request: Request, _: User) -> Response:
-        service.browser.end(request.cookies.get(COOKIE))
-        response = JSONResponse({"logged_out": True}, headers=_PRIVATE_PAGE)
-        response.delete_cookie(COOKIE, path="/", secure=True, httponly=True, samesite="strict")
-        return response
+    dashboard.add_routes(app, service)
 
     @app.post("/v1/agent/renew")
     async def renew(body: RenewRequest, who: Identity) -> RenewResponse:
@@ -394,7 +329,7 @@ async def _serve_agent(service: CoordinatorService, websocket: WebSocket) -> Non
             message = _agent_messages.validate_json(await websocket.receive_text())
             if session.closed:
                 break  # a newer session replaced this one, or the node was declared lost
-            service.agent_heard(session)
+            service.agent_heard(session, message.usage)
             if isinstance(message, Report):
                 service.agent_report(session, message)
             elif isinstance(message, Heartbeat):
@@ -467,93 +402,6 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     )
 }
 
-_PRIVATE_PAGE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
-_HOME = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="csrf-token" content="{csrf}">
-<title>Planetary Mesh</title></head>
-<body><h1>Planetary Mesh</h1><p>Signed in as {name} ({role}).</p></body></html>
-"""
-
-
-def _origin_of(request: Request) -> str:
-    """This coordinator's origin as the client reached it: scheme, host and port."""
-    return str(request.base_url).rstrip("/")
-
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
-
-
-def _node(service: CoordinatorService, node_id: str) -> NodeInfo:
-    return next(_node_info(n) for n in service.store.nodes() if n.id == node_id)
-
-
-def _attempt_info(a: Attempt) -> AttemptInfo:
-    return AttemptInfo(
-        attempt=a.number,
-        node=a.node_id,
-        state=a.state.value,
-        exit_code=a.exit_code,
-        reason=a.reason,
-        assigned_at=a.assigned_at,
-        started_at=a.started_at,
-        ended_at=a.ended_at,
-        late_result=a.late_result,
-    )
-
-
-def _job_info(
-    job: Job, tasks: list[Task] | None = None, history: dict[int, list[Attempt]] | None = None
-) -> JobInfo:
-    counts = {state.value: job.counts.get(state, 0) for state in TaskState}
-    return JobInfo(
-        id=job.id,
-        name=job.spec.name,
-        owner=job.owner,
-        state=job.state.value,
-        created_at=job.created_at,
-        argv=list(job.spec.argv),
-        cpus=job.spec.cpus,
-        memory=job.spec.memory,
-        timeout=job.spec.timeout,
-        retries=job.spec.retries,
-        priority=job.spec.priority,
-        files=list(job.file_names),
-        outputs=list(job.spec.outputs),
-        cancelled_by=job.cancelled_by,
-        tasks={"total": job.spec.count, **counts},
-        task_list=None
-        if tasks is None
-        else [_task_info(t, (history or {}).get(t.index, [])) for t in tasks],
-    )
-
-
-def _task_info(task: Task, history: list[Attempt]) -> TaskInfo:
-    return TaskInfo(
-        index=task.index,
-        state=task.state.value,
-        node=task.node_id,
-        exit_code=task.exit_code,
-        reason=task.reason,
-        attempts=task.attempt,
-        started_at=task.started_at,
-        ended_at=task.ended_at,
-        history=[_attempt_info(a) for a in history],
-    )
-
-
-def _node_info(node: Node) -> NodeInfo:
-    return NodeInfo(
-        id=node.id,
-        name=node.name,
-        state=node.shown_state.value,
-        cpus=node.cpus,
-        memory=node.memory,
-        used_cpus=node.used_cpus,
-        used_memory=node.used_memory,
-        running=node.running,
-        sandbox=node.sandbox,
-        version=node.version,
-        last_seen=node.last_seen,
-        drain_deadline=node.drain_deadline,
-    )

@@ -47,6 +47,7 @@ from planetary_mesh.protocol import (
     Report,
     Started,
     TokenInfo,
+    Usage,
     UserInfo,
 )
 from planetary_mesh.store.sqlite import SQLiteStore
@@ -87,6 +88,9 @@ class CoordinatorService:
         self.retry_backoff = retry_backoff
         self.clock = clock
         self.sessions: dict[str, AgentSession] = {}
+        # What each connected node's machine is doing (CPU %, memory in use), as its last
+        # message said: live figures for people, never stored and never used to schedule.
+        self.usage: dict[str, Usage] = {}
         self.browser = BrowserLogins(clock)  # login links and browser sessions
         self.metrics = Metrics(self)
         self._kick = asyncio.Event()
@@ -259,9 +263,13 @@ class CoordinatorService:
         tail = self.store.log_tail(task.id, task.attempt) if task.attempt else b""
         return task, explained, tail
 
-    def logs(self, job_id: str, index: int, offset: int, attempt: int | None) -> LogChunk:
+    def logs(
+        self, job_id: str, index: int, offset: int, attempt: int | None, tail: int | None = None
+    ) -> LogChunk:
         task_id, current = self.task_id(job_id, index)
         attempt = current if attempt is None else attempt
+        if tail is not None:
+            offset = max(offset, self.store.log_size(task_id, attempt) - tail)
         data, next_offset = self.store.logs(task_id, attempt, offset)
         task = self.store.task(job_id, index)
         assert task is not None
@@ -301,7 +309,10 @@ class CoordinatorService:
             memory=hello.memory,
             sandbox=hello.sandbox,
             version=hello.version,
+            labels=hello.labels,
+            gpus=hello.gpus,
         )
+        self._note_usage(node_id, hello.usage)
         session = AgentSession(node_id=node_id, cpus=hello.cpus, memory=hello.memory)
         held = set(hello.held)
         requeued = self.store.requeue_node_attempts(
@@ -343,10 +354,11 @@ class CoordinatorService:
             for session in self.sessions.values():
                 session.send(timing)
 
-    def agent_heard(self, session: AgentSession) -> None:
+    def agent_heard(self, session: AgentSession, usage: Usage | None = None) -> None:
         """Any message on a session is a heartbeat; a silent-suspect node is ready again."""
         if session.closed:
             return
+        self._note_usage(session.node_id, usage)
         now = self.clock()
         current = self.liveness.get(session.node_id)
         if current is not None and current.state is NodeState.SUSPECT and current.connected:
@@ -357,6 +369,10 @@ class CoordinatorService:
             self.kick()
         self.liveness[session.node_id] = NodeLiveness(session.node_id, NodeState.READY, True, now)
 
+    def _note_usage(self, node_id: str, usage: Usage | None) -> None:
+        if usage is not None:
+            self.usage[node_id] = usage
+
     def agent_heartbeat(self, session: AgentSession) -> None:
         self.metrics.heartbeats.inc()
         session.send({"type": "lease"})  # renews the agent's lease on its running tasks
@@ -365,6 +381,7 @@ class CoordinatorService:
         session.closed = True
         if self.sessions.get(session.node_id) is session:
             del self.sessions[session.node_id]
+            self.usage.pop(session.node_id, None)
             now = self.clock()
             self.store.update_node(session.node_id, state=NodeState.SUSPECT, now=now)
             self.liveness[session.node_id] = NodeLiveness(

@@ -84,11 +84,33 @@ class Node:
     last_seen: float
     draining: bool = False
     drain_deadline: float | None = None
+    labels: dict[str, str] = field(default_factory=dict)  # the owner's words: room=lab, gpu=a100
+    gpus: int = 0
 
     @property
     def shown_state(self) -> NodeState:
         """What people see: a working node that is being drained says so."""
         return NodeState.DRAINING if self.draining and self.state is NodeState.READY else self.state
+
+
+@dataclass(frozen=True)
+class NodeAttempt:
+    """One attempt as a node's history shows it: which task, and how it went."""
+
+    job_id: str
+    index: int
+    attempt: Attempt
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Tasks ended per time slot: slot i covers ``since + i*bucket`` to the next one."""
+
+    since: float
+    bucket: float
+    succeeded: list[int]
+    failed: list[int]
+    other: list[int]  # cancelled, lost for good
 
 
 @dataclass(frozen=True)

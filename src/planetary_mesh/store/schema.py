@@ -139,4 +139,12 @@ MIGRATIONS: list[list[str]] = [
         # `mesh events --job`: one job's events without a scan of everyone's.
         "CREATE INDEX events_by_job ON events (job_id, seq)",
     ],
+    [
+        # Node details for people: the owner's labels and the GPUs the agent found.
+        "ALTER TABLE nodes ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'",
+        "ALTER TABLE nodes ADD COLUMN gpus INTEGER NOT NULL DEFAULT 0",
+        # The dashboard's throughput chart (tasks ended lately) and a node's recent attempts.
+        "CREATE INDEX tasks_by_end ON tasks (ended_at)",
+        "CREATE INDEX attempts_by_node ON attempts (node_id, assigned_at)",
+    ],
 ]

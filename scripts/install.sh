@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # bubblewrap sandboxes tasks; with --dev, iproute2 and nftables build the tests' network
-# namespaces and partitions.
+# namespaces and partitions, and chromium runs the dashboard's tests.
 need=()
 command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
 # Warm sandboxes run a small launcher under the host's own Python in /usr (the sandbox shows
@@ -15,6 +15,9 @@ command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
 if [ "${1:-}" = "--dev" ]; then
   command -v ip >/dev/null 2>&1 || need+=(iproute2)
   command -v nft >/dev/null 2>&1 || need+=(nftables)
+  # The dashboard's browser tests drive Debian's Chromium with Playwright (never
+  # `playwright install`, which would download a browser from the internet).
+  [ -x /usr/bin/chromium ] || need+=(chromium)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

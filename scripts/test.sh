@@ -7,4 +7,5 @@ bash scripts/install.sh --dev
 .venv/bin/ruff check src tests examples
 .venv/bin/ruff format --check src tests examples
 .venv/bin/mypy
-exec .venv/bin/pytest -n 2 "$@"
+# loadgroup: the tests of one xdist_group (the dashboard's browser tests) share a worker and a mesh.
+exec .venv/bin/pytest -n 2 --dist loadgroup "$@"

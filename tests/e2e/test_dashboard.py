@@ -130,6 +130,11 @@ def test_the_login_link_works_once_and_the_page_shows_the_nodes(
         expect(row).to_contain_text("%")  # the machine's live CPU use
         expect(row).to_contain_text("bwrap")
     shot(page, "nodes")
+    with mesh.client() as client:
+        nodes = client.nodes()
+    for node in nodes:
+        assert node.labels == {"room": "lab"} and node.cpu_percent is not None
+        assert node.memory_in_use is not None and 0 < node.memory_in_use <= node.memory
 
     page.locator('tr[data-name="agent-1"] a').first.click()
     expect(page.get_by_role("heading", name=re.compile("Node agent-1"))).to_be_visible()

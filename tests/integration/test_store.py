@@ -711,3 +711,65 @@ def test_removing_a_node_requeues_its_work_and_denies_its_certificate_until_it_e
     assert reopened.denied_certs(NOW + 99) == [("4242", "node", "n1")]
     assert reopened.denied_certs(NOW + 100) == []  # expired: the TLS layer refuses it anyway
     reopened.close()
+
+
+# -- what the dashboard reads -------------------------------------------------------------------
+
+
+def test_throughput_counts_ended_tasks_per_slot_by_how_they_ended(store: SQLiteStore) -> None:
+    store.add_node("n1", "one", 1, NOW)
+    store.add_job("j", "u", spec(count=5), {}, NOW)
+    tasks = store.tasks("j")
+    ok0, ok1, bad, late, _ = place(store, "n1", *tasks)
+    end(store, ok0, now=NOW + 5)  # slot 0 of [NOW, NOW+30)
+    end(store, ok1, now=NOW + 12)  # slot 1
+    end(store, bad, ok=False, now=NOW + 14)  # slot 1, failed
+    end(store, late, now=NOW + 31)  # past the window: not counted
+    store.cancel_job("j", "alice", NOW + 29)  # the fifth: slot 2, "other"
+    seen = store.throughput(NOW, NOW + 30, 10)
+    assert (seen.since, seen.bucket) == (NOW, 10)
+    assert seen.succeeded == [1, 1, 0]
+    assert seen.failed == [0, 1, 0]
+    assert seen.other == [0, 0, 1]
+
+
+def test_a_node_s_attempts_newest_first_with_their_task(store: SQLiteStore) -> None:
+    store.add_node("n1", "one", 1, NOW)
+    store.add_node("n2", "two", 2, NOW)
+    store.add_job("a", "u", spec(count=2), {}, NOW)
+    store.add_job("b", "u", spec(), {}, NOW)
+    first, second = store.tasks("a")
+    (on_n1,) = place(store, "n1", first, now=NOW + 1)
+    end(store, on_n1, ok=False, exit_code=3, reason="exit code 3", now=NOW + 2)
+    place(store, "n1", task_of(store, "b"), now=NOW + 3)
+    place(store, "n2", second, now=NOW + 4)
+    recent = store.node_attempts("n1", 10)
+    assert [(a.job_id, a.index, a.attempt.number) for a in recent] == [("b", 0, 1), ("a", 0, 1)]
+    assert recent[1].attempt.state is AttemptState.FAILED and recent[1].attempt.exit_code == 3
+    assert [a.job_id for a in store.node_attempts("n1", 1)] == ["b"]
+    assert store.node_attempts("nobody", 10) == []
+
+
+def test_pages_of_jobs_and_tasks_and_the_latest_events(store: SQLiteStore) -> None:
+    for i in range(5):
+        store.add_job(f"j{i}", "u", spec(count=3), {}, NOW + i)
+        store.add_event("job_submitted", f"j{i}", NOW + i, job_id=f"j{i}")
+    jobs, total = store.job_page(offset=1, limit=2)
+    assert [j.id for j in jobs] == ["j3", "j2"] and total == 5
+    tasks, count = store.task_page("j0", offset=1, limit=5)
+    assert [t.index for t in tasks] == [1, 2] and count == 3
+    none, zero = store.task_page("j0", 0, 5, TaskState.RUNNING)
+    assert none == [] and zero == 0
+    assert [e.message for e in store.latest_events(2)] == ["j3", "j4"]
+    assert len(store.latest_events(50)) == 5
+
+
+def test_node_labels_and_gpus_are_kept(store: SQLiteStore) -> None:
+    store.add_node("n1", "one", 1, NOW)
+    (node,) = store.nodes()
+    assert node.labels == {} and node.gpus == 0
+    store.update_node("n1", state=NodeState.READY, now=NOW, labels={"room": "lab"}, gpus=2)
+    (node,) = store.nodes()
+    assert node.labels == {"room": "lab"} and node.gpus == 2
+    store.update_node("n1", state=NodeState.READY, now=NOW + 1)  # a heartbeat keeps them
+    assert store.node("n1") == store.nodes()[0] and store.nodes()[0].labels == {"room": "lab"}

@@ -271,3 +271,40 @@ def test_ten_thousand_tasks_are_shown_a_page_at_a_time_with_why_they_wait(
         expect(page.locator(f'tr[data-job="{job.id}"]')).to_contain_text("0/10000 ended")
     finally:
         client.cancel(job.id)
+
+
+def test_after_a_coordinator_restart_the_open_page_goes_on_with_the_same_history(
+    tmp_path: Path, chromium: Browser
+) -> None:
+    with LocalMesh(tmp_path / "mesh", agents=1) as mesh, mesh.client() as client:
+        done = client.submit(JobSubmit(name="before", argv=["echo", "kept"], count=3))
+        assert wait_job(client, done.id).state == "succeeded"
+        context = new_context(chromium)
+        try:
+            page = context.new_page()
+            page.goto(mesh_cli(mesh, "dashboard"))
+            expect(page.locator("#live")).to_have_text("live")
+            page.evaluate("window.__sameDocument = true")
+            go(page, "#/jobs")
+            expect(page.locator(f'tr[data-job="{done.id}"] td.state')).to_have_text("succeeded")
+
+            mesh.kill_coordinator()  # kill -9: nothing is saved on the way out
+            expect(page.locator("#live")).not_to_have_text("live")
+            mesh.start_coordinator()
+            # The browser's session is in the store: the stream reconnects by itself.
+            expect(page.locator("#live")).to_have_text("live", timeout=30_000)
+            with mesh.client() as again:
+                after = again.submit(JobSubmit(name="after", argv=["true"]))
+            row = page.locator(f'tr[data-job="{after.id}"]')
+            expect(row.locator("td.state")).to_have_text("succeeded", timeout=30_000)
+            expect(page.locator(f'tr[data-job="{done.id}"] td.state')).to_have_text("succeeded")
+            shot(page, "jobs-after-restart")
+
+            go(page, f"#/jobs/{done.id}?task=2")
+            expect(page.locator("tr[data-task] td.state")).to_have_text(["succeeded"] * 3)
+            expect(page.locator("pre.output")).to_contain_text("kept")
+            go(page, "#/")
+            expect(page.locator('[data-card="succeeded"] .figure')).to_have_text("4")
+            assert page.evaluate("window.__sameDocument") is True
+        finally:
+            context.close()

@@ -773,3 +773,23 @@ def test_node_labels_and_gpus_are_kept(store: SQLiteStore) -> None:
     assert node.labels == {"room": "lab"} and node.gpus == 2
     store.update_node("n1", state=NodeState.READY, now=NOW + 1)  # a heartbeat keeps them
     assert store.node("n1") == store.nodes()[0] and store.nodes()[0].labels == {"room": "lab"}
+
+
+def test_browser_sessions_are_kept_until_logout_or_expiry(db_path: Path) -> None:
+    from planetary_mesh.core.model import BrowserSessionRecord
+
+    store = SQLiteStore(db_path)
+    for digest, expires in (("a", NOW + 100), ("b", NOW + 200), ("c", NOW + 5)):
+        store.add_browser_session(
+            BrowserSessionRecord(digest, "alice", False, 7, NOW + 999, f"csrf-{digest}", expires)
+        )
+    store.close()
+    reopened = SQLiteStore(db_path)  # a restart
+    kept = reopened.browser_sessions(NOW + 10)
+    assert sorted((r.digest, r.csrf, r.user, r.cert_serial) for r in kept) == [
+        ("a", "csrf-a", "alice", 7),
+        ("b", "csrf-b", "alice", 7),
+    ]
+    reopened.end_browser_sessions(NOW + 10, "a")  # a logout, and the expired one goes too
+    assert [r.digest for r in reopened.browser_sessions(NOW)] == ["b"]
+    reopened.close()

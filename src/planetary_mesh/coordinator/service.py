@@ -91,7 +91,7 @@ class CoordinatorService:
         # What each connected node's machine is doing (CPU %, memory in use), as its last
         # message said: live figures for people, never stored and never used to schedule.
         self.usage: dict[str, Usage] = {}
-        self.browser = BrowserLogins(clock)  # login links and browser sessions
+        self.browser = BrowserLogins(clock, store=store)  # login links and browser sessions
         self.metrics = Metrics(self)
         self._kick = asyncio.Event()
         # After a restart no session is up yet: every node waits to reconnect, and is owed a

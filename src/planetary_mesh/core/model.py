@@ -94,6 +94,19 @@ class Node:
 
 
 @dataclass(frozen=True)
+class BrowserSessionRecord:
+    """A browser signed in with a login link, as stored: the cookie only as its hash."""
+
+    digest: str  # sha256 of the cookie's value
+    user: str
+    admin: bool
+    cert_serial: int  # the certificate behind the link: its removal ends the session too
+    cert_not_after: float
+    csrf: str
+    expires_at: float
+
+
+@dataclass(frozen=True)
 class NodeAttempt:
     """One attempt as a node's history shows it: which task, and how it went."""
 

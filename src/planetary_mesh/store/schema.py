@@ -147,4 +147,16 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX tasks_by_end ON tasks (ended_at)",
         "CREATE INDEX attempts_by_node ON attempts (node_id, assigned_at)",
     ],
+    [
+        # Browser sessions survive a coordinator restart; the cookie is kept only as a hash.
+        """CREATE TABLE browser_sessions (
+            digest TEXT PRIMARY KEY,
+            user_name TEXT NOT NULL,
+            admin INTEGER NOT NULL,
+            cert_serial TEXT NOT NULL,
+            cert_not_after REAL NOT NULL,
+            csrf TEXT NOT NULL,
+            expires_at REAL NOT NULL
+        )""",
+    ],
 ]

@@ -18,6 +18,7 @@ from pathlib import Path
 from planetary_mesh.core.liveness import retry_backoff
 from planetary_mesh.core.model import (
     Assignment,
+    BrowserSessionRecord,
     JobSpec,
     JoinTokenRecord,
     UserRecord,
@@ -136,6 +137,34 @@ class SQLiteStore(StoreReads):
             )
             db.execute("DELETE FROM nodes WHERE id=?", (node_id,))
         return str(row[0]), len(requeued)
+
+    def add_browser_session(self, record: BrowserSessionRecord) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO browser_sessions (digest, user_name, admin, cert_serial,"
+                " cert_not_after, csrf, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.digest, record.user, int(record.admin), str(record.cert_serial),
+                    record.cert_not_after, record.csrf, record.expires_at,
+                ),
+            )  # fmt: skip
+
+    def end_browser_sessions(self, now: float, digest: str | None = None) -> None:
+        """Forget the session ``digest`` (a logout) and every session expired by ``now``."""
+        with self._tx() as db:
+            db.execute(
+                "DELETE FROM browser_sessions WHERE digest=? OR expires_at<=?", (digest, now)
+            )
+
+    def browser_sessions(self, now: float) -> list[BrowserSessionRecord]:
+        return [
+            BrowserSessionRecord(r[0], r[1], bool(r[2]), int(r[3]), r[4], r[5], r[6])
+            for r in self._db.execute(
+                "SELECT digest, user_name, admin, cert_serial, cert_not_after, csrf, expires_at"
+                " FROM browser_sessions WHERE expires_at > ?",
+                (now,),
+            )
+        ]
 
     def add_user(self, user: UserRecord) -> bool:
         """Record a person; False if the name is taken."""

@@ -132,7 +132,7 @@ class UserInfo(Strict):
 class EventInfo(Strict):
     seq: int  # ask for events after this one to follow
     time: float
-    kind: str  # job_submitted, task_placed, task_started, task_ended, node_lost, ...
+    kind: str  # job_submitted, task_placed, task_started, task_ended, task_requeued, node_lost, …
     node_id: str | None
     job_id: str | None
     task_index: int | None

@@ -793,3 +793,20 @@ def test_browser_sessions_are_kept_until_logout_or_expiry(db_path: Path) -> None
     reopened.end_browser_sessions(NOW + 10, "a")  # a logout, and the expired one goes too
     assert [r.digest for r in reopened.browser_sessions(NOW)] == ["b"]
     reopened.close()
+
+
+def test_tasks_taken_back_from_a_node_are_each_a_requeued_event(store: SQLiteStore) -> None:
+    store.add_node("n1", "one", 1, NOW)
+    store.add_job("j", "u", spec(count=3), {}, NOW)
+    a0, a1, kept = place(store, "n1", *store.tasks("j"))
+    before = store.latest_events(1)[-1].seq
+    requeued = store.requeue_node_attempts(
+        "n1", {(kept.task_id, kept.attempt, kept.epoch)}, "node lost (silent 10 s)", NOW + 5
+    )
+    assert sorted(requeued) == sorted([a0.task_id, a1.task_id])
+    events = store.events(before)
+    assert [(e.kind, e.job_id, e.task_index, e.node_id) for e in events] == [
+        ("task_requeued", "j", 0, "n1"),
+        ("task_requeued", "j", 1, "n1"),
+    ]
+    assert "attempt 1 taken back from node n1 (node lost (silent 10 s))" in events[0].message

@@ -671,14 +671,17 @@ class SQLiteStore(StoreReads):
     def requeue_node_attempts(
         self, node_id: str, keep: set[tuple[int, int, int]], reason: str, now: float
     ) -> list[int]:
-        """Put back every active attempt on ``node_id`` not in ``keep``; the tasks requeued."""
+        """Put back every active attempt on ``node_id`` not in ``keep``; the tasks requeued.
+        Each one is a ``task_requeued`` event: it will be placed again, first in the queue."""
         requeued = []
+        events = []
         with self._tx() as db:
             rows = db.execute(
-                "SELECT id, attempt, epoch, state FROM tasks WHERE node_id=? AND state IN (?, ?)",
+                "SELECT t.id, t.attempt, t.epoch, t.state, j.id, t.idx FROM tasks t"
+                " JOIN jobs j ON j.seq = t.job_seq WHERE t.node_id=? AND t.state IN (?, ?)",
                 (node_id, *ACTIVE),
             ).fetchall()
-            for task_id, attempt, epoch, state in rows:
+            for task_id, attempt, epoch, state, job_id, index in rows:
                 if (task_id, attempt, epoch) in keep:
                     continue
                 new_state = next_task_state(TaskState(state), TaskEvent.REQUEUE)
@@ -693,6 +696,12 @@ class SQLiteStore(StoreReads):
                     (AttemptState.LOST.value, now, reason, task_id, attempt),
                 )
                 requeued.append(task_id)
+                message = (
+                    f"task {job_id}[{index}] attempt {attempt} taken back from node {node_id}"
+                    f" ({reason}): it goes back in the queue, first"
+                )
+                events.append((now, "task_requeued", node_id, job_id, index, message))
+            self._task_events(db, events)
         return requeued
 
 

@@ -674,7 +674,7 @@ class SQLiteStore(StoreReads):
         """Put back every active attempt on ``node_id`` not in ``keep``; the tasks requeued.
         Each one is a ``task_requeued`` event: it will be placed again, first in the queue."""
         requeued = []
-        events = []
+        events: list[tuple[float, str, str | None, str, int, str]] = []
         with self._tx() as db:
             rows = db.execute(
                 "SELECT t.id, t.attempt, t.epoch, t.state, j.id, t.idx FROM tasks t"

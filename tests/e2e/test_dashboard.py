@@ -161,9 +161,9 @@ def test_a_job_submitted_from_the_cli_fills_its_progress_bar_without_a_reload(
 ) -> None:
     go(page, "#/jobs")
     expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
-    script = "echo hello from $MESH_TASK_INDEX; sleep 0.4; echo bye"
+    script = "echo hello from $MESH_TASK_INDEX; sleep 0.5; echo bye"
     job_id = mesh_cli(
-        mesh, "submit", "--array", "10", "--name", "watched", "--", "sh", "-c", script
+        mesh, "submit", "--array", "12", "--name", "watched", "--", "sh", "-c", script
     )
     # The new job appears by itself (the event stream), and its page follows it.
     page.locator(f'tr[data-job="{job_id}"] a').first.click()
@@ -182,7 +182,7 @@ def test_a_job_submitted_from_the_cli_fills_its_progress_bar_without_a_reload(
     assert any(0 < v < 100 for v in seen), f"no step between 0 and 100 was shown: {seen}"
     assert seen == sorted(seen), f"the bar went backwards: {seen}"
     expect(page.locator("h1 .badge")).to_have_text("succeeded")
-    expect(page.locator("tr[data-task] td.state")).to_have_text(["succeeded"] * 10)
+    expect(page.locator("tr[data-task] td.state")).to_have_text(["succeeded"] * 12)
 
     # A task's output, and its story.
     page.get_by_role("link", name="Task 7", exact=True).click()

@@ -172,7 +172,7 @@ async function cancelJob(id) {
   } catch (err) {
     flash(`Could not cancel job ${id}: ${err.message}`);
   }
-  refresh();
+  draw(false);
 }
 
 function drainControl(node) {
@@ -496,11 +496,22 @@ async function draw(moveFocus) {
   if (again) { again = false; return draw(false); }
 }
 
+// Events may come by the hundred a second: draw at most once a second for them (at once for
+// the person's own clicks), so a busy mesh costs the coordinator a few queries, not thousands.
+const EVENT_REDRAW_MS = 1000;
 let refreshTimer = null;
+let lastEventDraw = 0;
 function refresh(keyToFocus) {
-  if (keyToFocus) focusKey = keyToFocus;
-  clearTimeout(refreshTimer);
-  refreshTimer = setTimeout(() => draw(false), keyToFocus ? 0 : 150);
+  if (keyToFocus) {
+    focusKey = keyToFocus;
+    clearTimeout(refreshTimer);
+    refreshTimer = null;
+    draw(false);
+    return;
+  }
+  if (refreshTimer) return; // one is already due
+  const wait = Math.max(100, lastEventDraw + EVENT_REDRAW_MS - Date.now());
+  refreshTimer = setTimeout(() => { refreshTimer = null; lastEventDraw = Date.now(); draw(false); }, wait);
 }
 
 let stream = null;

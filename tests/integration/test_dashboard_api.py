@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -195,3 +196,21 @@ def test_the_page_and_its_assets_need_a_session_and_forbid_other_origins(
         verify=tls.client_ssl_context(coordinator.paths.ca_cert.read_bytes()),
     ) as stranger:
         assert stranger.get("/ui/app.js").status_code == 401
+
+
+def test_waiting_on_a_job_returns_as_soon_as_it_ends(
+    coordinator: Coordinator, client: Client
+) -> None:
+    job_id = submit(client, "waited", count=2)
+    started = time.monotonic()
+    still = client.wait(job_id, timeout=0.5)
+    assert still.state == "pending" and time.monotonic() - started >= 0.5
+    with Client.from_config(coordinator.client_config) as other:
+        threading.Timer(0.5, other.cancel, [job_id]).start()
+        started = time.monotonic()
+        ended = client.wait(job_id, timeout=60)
+    assert ended.state == "cancelled" and ended.tasks["cancelled"] == 2
+    assert time.monotonic() - started < 30  # woken by the change, not by the time limit
+    with admin_http(coordinator) as http:
+        assert http.get(f"/v1/jobs/{job_id}/wait", params={"timeout": 301}).status_code == 422
+        assert http.get("/v1/jobs/nosuch/wait").status_code == 404

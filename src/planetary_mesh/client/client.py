@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import ssl
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,6 +42,7 @@ from planetary_mesh.protocol import (
     WhyInfo,
 )
 
+_ENDED = ("succeeded", "failed", "cancelled")
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -185,6 +187,19 @@ class Client:
         """A job, with every task and attempt unless ``tasks`` is false (counts only)."""
         params = {} if tasks else {"tasks": "false"}
         return self._model(JobInfo, "GET", f"/v1/jobs/{_segment(job_id)}", params=params)
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobInfo:
+        """The job once every task has ended (counts only); with ``timeout``, as it is then."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = 60.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            job = self._model(
+                JobInfo, "GET", f"/v1/jobs/{_segment(job_id)}/wait",
+                params={"timeout": min(left, 60.0)}, timeout=min(left, 60.0) + 30,
+            )  # fmt: skip
+            ended = sum(job.tasks.get(state, 0) for state in _ENDED)
+            if ended == job.tasks["total"] or (deadline is not None and left <= 0):
+                return job
 
     def cancel(self, job_id: str) -> JobInfo:
         return self._model(JobInfo, "POST", f"/v1/jobs/{_segment(job_id)}/cancel")

@@ -194,6 +194,24 @@ def create_app(service: CoordinatorService) -> FastAPI:
         history = service.store.attempts_of_job(job_id)
         return views.job_info(found, service.store.tasks(job_id), history)
 
+    @app.get("/v1/jobs/{job_id}/wait")
+    async def wait(
+        job_id: str,
+        _: User,
+        timeout: Annotated[float, Query(ge=0, le=300)] = 30.0,
+    ) -> JobInfo:
+        """The job (counts only) as soon as every task has ended, or as it is after
+        ``timeout`` seconds: a long poll, so a client hears of the end at once."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            seen = service.changes.version
+            found = service.job(job_id)
+            left = deadline - asyncio.get_running_loop().time()
+            ended = sum(n for state, n in found.counts.items() if state.ended)
+            if ended == found.spec.count or left <= 0:
+                return views.job_info(found)
+            await service.changes.wait(seen, left)
+
     @app.post("/v1/jobs/{job_id}/cancel")
     async def cancel(job_id: str, who: User) -> JobInfo:
         return views.job_info(service.cancel(job_id, who.name, who.admin))

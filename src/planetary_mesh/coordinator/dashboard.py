@@ -10,8 +10,8 @@ shows survives a coordinator restart. See docs/dashboard.md and ADR 10.
 
 from __future__ import annotations
 
-import asyncio
 import html
+import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from importlib import resources
@@ -49,7 +49,7 @@ _PAGE_HEADERS = {
     "X-Frame-Options": "DENY",
 }
 _ASSETS = resources.files("planetary_mesh.coordinator") / "dashboard_assets"
-STREAM_POLL_S = 0.25  # how often an open event stream looks for new events in the store
+STREAM_RECHECK_S = 2.0  # with no change, a stream still checks its credential this often
 STREAM_KEEPALIVE_S = 15.0  # a comment line, so proxies and browsers keep an idle stream open
 
 
@@ -206,8 +206,9 @@ async def _events_after(
     cookie: str | None,
 ) -> AsyncIterator[str]:
     yield "retry: 2000\n\n"
-    quiet = 0.0
+    quiet_since = time.monotonic()
     while True:
+        seen = service.changes.version  # before the look, so no change slips between
         try:  # a removed user, a logged-out or expired browser: the stream ends
             service.check_not_denied(who)
         except MeshError:
@@ -220,10 +221,9 @@ async def _events_after(
             data = EventInfo(**asdict(event)).model_dump_json()  # one line: no newlines in JSON
             yield f"id: {event.seq}\nevent: mesh\ndata: {data}\n\n"
         if found:
-            quiet = 0.0
+            quiet_since = time.monotonic()
             continue
-        await asyncio.sleep(STREAM_POLL_S)
-        quiet += STREAM_POLL_S
-        if quiet >= STREAM_KEEPALIVE_S:
-            quiet = 0.0
+        if time.monotonic() - quiet_since >= STREAM_KEEPALIVE_S:
+            quiet_since = time.monotonic()
             yield ": still here\n\n"
+        await service.changes.wait(seen, STREAM_RECHECK_S)

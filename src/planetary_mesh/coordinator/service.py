@@ -24,6 +24,7 @@ from cryptography import x509
 from planetary_mesh import __version__
 from planetary_mesh.coordinator.bootstrap import USER_CERT_LIFETIME
 from planetary_mesh.coordinator.browser import BrowserLogins
+from planetary_mesh.coordinator.changes import Changes
 from planetary_mesh.coordinator.metrics import Metrics
 from planetary_mesh.coordinator.sessions import AgentSession
 from planetary_mesh.coordinator.why import Explanation, explain_pending, explain_placed
@@ -92,6 +93,8 @@ class CoordinatorService:
         # message said: live figures for people, never stored and never used to schedule.
         self.usage: dict[str, Usage] = {}
         self.browser = BrowserLogins(clock, store=store)  # login links and browser sessions
+        self.changes = Changes()  # long polls and event streams wait on it
+        store.on_commit = self.changes.notify
         self.metrics = Metrics(self)
         self._kick = asyncio.Event()
         # After a restart no session is up yet: every node waits to reconnect, and is owed a

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +50,7 @@ class SQLiteStore(StoreReads):
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._depth = 0  # nesting of _tx: only the outermost commits
+        self.on_commit: Callable[[], None] | None = None  # told after each committed change
         self._migrate()
 
     def close(self) -> None:
@@ -85,6 +86,8 @@ class SQLiteStore(StoreReads):
         finally:
             self._depth = 0
         self._db.execute("COMMIT")
+        if self.on_commit is not None:
+            self.on_commit()
 
     def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """Group several store calls into one atomic commit."""

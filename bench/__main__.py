@@ -1,0 +1,194 @@
+"""`python -m bench`: the mesh, Dask and Ray side by side on this machine, in one run.
+
+Each round starts every system afresh (two executors each: the mesh's coordinator and two agents
+of one CPU; `dask scheduler` and two one-thread workers; `ray.init(num_cpus=2)`), runs every
+scenario on it and stops it; the order of the systems turns each round. Raw samples go to
+bench/results/<time>.json, the table to bench/results/<time>.md and bench/results/latest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+from bench import sandbox_cost
+from bench.common import MIB, Sizes, calibrate_spin, median, percentile, spin
+from bench.report import markdown, summarize
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class System(Protocol):
+    name: str
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def footprint(self) -> int: ...
+    def commands(self, count: int) -> float: ...
+    def latency(self, count: int) -> list[float]: ...
+    def cpu_bound(self, count: int, loops: int) -> float: ...
+    def kill_rerun(self, cap: float) -> tuple[float, int]: ...
+    def freeze_rerun(self, cap: float) -> tuple[float, int]: ...
+
+
+def make(name: str, root: Path) -> System:
+    if name == "mesh":
+        from bench.mesh_system import MeshSystem
+
+        return MeshSystem(root)
+    if name == "dask":
+        from bench.dask_system import DaskSystem
+
+        return DaskSystem(root)
+    if name == "ray":
+        from bench.ray_system import RaySystem
+
+        return RaySystem(root)
+    raise SystemExit(f"unknown system {name!r}: use mesh, dask, ray")
+
+
+def available(name: str) -> bool:
+    module = {"mesh": "planetary_mesh", "dask": "distributed", "ray": "ray"}[name]
+    try:
+        metadata.version(module)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def one_round(name: str, sizes: Sizes, loops: int, serial_s: float, log: Any) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix=f"pm-bench-{name}-"))
+    system = make(name, root)
+    figures: dict[str, float] = {}
+    raw: dict[str, Any] = {}
+    try:
+        system.start()
+        time.sleep(1.0)  # let start-up settle before reading idle memory
+        figures["footprint_mib"] = system.footprint() / MIB
+        log(f"  {name}: footprint {figures['footprint_mib']:.0f} MiB")
+        took = system.commands(sizes.commands)
+        figures["commands_per_s"] = sizes.commands / took
+        log(f"  {name}: commands {figures['commands_per_s']:.0f}/s")
+        samples = system.latency(sizes.latency)
+        raw["latency_s"] = samples
+        figures["latency_p50_ms"] = percentile(samples, 0.5) * 1000
+        figures["latency_p99_ms"] = percentile(samples, 0.99) * 1000
+        log(f"  {name}: latency p50 {figures['latency_p50_ms']:.2f} ms")
+        figures["large_array_s"] = system.commands(sizes.large_array)
+        log(f"  {name}: {sizes.large_array} tasks in {figures['large_array_s']:.1f} s")
+        figures["cpu_speedup"] = serial_s / system.cpu_bound(sizes.cpu_tasks, loops)
+        log(f"  {name}: cpu speedup {figures['cpu_speedup']:.2f}")
+        figures["kill_rerun_s"], figures["kill_lost"] = system.kill_rerun(sizes.rerun_cap)
+        log(f"  {name}: kill → rerun {figures['kill_rerun_s']:.2f} s")
+        figures["freeze_rerun_s"], figures["freeze_lost"] = system.freeze_rerun(sizes.rerun_cap)
+        log(f"  {name}: freeze → rerun {figures['freeze_rerun_s']:.2f} s")
+        pending = getattr(system, "pending_memory", None)
+        if pending is not None:
+            figures["pending_mib"] = pending(sizes.pending) / MIB
+            log(f"  {name}: {sizes.pending} pending tasks: {figures['pending_mib']:.0f} MiB")
+    finally:
+        system.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    return {"figures": figures, "raw": raw}
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    return (
+        f"{model}, {os.cpu_count()} cores, {memory:.0f} GiB, {platform.system()}"
+        f" {platform.release()}, Python {platform.python_version()}"
+    )
+
+
+def versions(systems: list[str]) -> str:
+    names = {"mesh": "planetary-mesh", "dask": "distributed", "ray": "ray"}
+    return ", ".join(f"{names[s]} {metadata.version(names[s])}" for s in systems)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--systems", default="mesh,dask,ray")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: does it all still run")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    sizes = Sizes.smoke() if args.smoke else Sizes()
+    wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
+    systems = [s for s in wanted if available(s)]
+    for missing in sorted(set(wanted) - set(systems)):
+        print(f"skipping {missing}: not installed (pip install -e '.[bench]')", file=sys.stderr)
+    if "mesh" not in systems:
+        raise SystemExit("the benchmark compares against the mesh: it must be installed")
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    loops = calibrate_spin(sizes.cpu_seconds)
+    rounds: list[dict[str, dict[str, float]]] = []
+    raw: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        order = systems[r % len(systems) :] + systems[: r % len(systems)]
+        log(f"round {r + 1}/{args.rounds}: {', '.join(order)}")
+        started = time.perf_counter()
+        for _ in range(sizes.cpu_tasks):
+            spin(loops)
+        serial_s = time.perf_counter() - started
+        figures: dict[str, dict[str, float]] = {}
+        raw_round: dict[str, Any] = {"serial_s": serial_s}
+        for name in order:
+            done = one_round(name, sizes, loops, serial_s, log)
+            figures[name] = done["figures"]
+            raw_round[name] = done
+        cost = sandbox_cost.measure(30 if args.smoke else 200)
+        for key, samples in cost.items():
+            figures["mesh"][f"{key}_ms"] = median(samples) * 1000
+        raw_round["sandbox_s"] = cost
+        log("  sandbox p50: " + ", ".join(f"{k} {median(v) * 1000:.2f} ms" for k, v in cost.items()))
+        rounds.append(figures)
+        raw.append(raw_round)
+
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    command = "python -m bench " + " ".join(sys.argv[1:])
+    header = (
+        f"## Benchmark {stamp}\n\nMachine: {machine()}. {versions(systems)}.\n"
+        f"Command: `{command.strip()}`; {args.rounds} rounds"
+        + (" (smoke sizes: not a measurement)" if args.smoke else "")
+        + f". Sizes: {sizes.commands} command tasks, {sizes.latency} sequential calls,"
+        f" {sizes.large_array} tasks in one call, {sizes.cpu_tasks} CPU tasks of"
+        f" ~{sizes.cpu_seconds} s, {sizes.pending} pending tasks."
+    )
+    table = markdown(summarize(rounds, systems), systems, header)
+    args.out.mkdir(parents=True, exist_ok=True)
+    kind = "smoke-" if args.smoke else ""
+    (args.out / f"{kind}{stamp}.json").write_text(
+        json.dumps({"sizes": sizes.__dict__, "rounds": rounds, "raw": raw},
+                   default=lambda x: None if isinstance(x, float) and math.isinf(x) else str(x),
+                   indent=1)
+    )  # fmt: skip
+    (args.out / f"{kind}{stamp}.md").write_text(table)
+    if not args.smoke:
+        (args.out / "latest.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Planetary Mesh as it ships: a coordinator and two agents of one CPU each, real processes on
+loopback, mutual TLS, SQLite with synchronous=FULL, every task in a bubblewrap sandbox (warm
+sandboxes on, the default)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+from bench.common import SPIN_SOURCE, NotWithin, kill, peak_rss, tree_rss, wait_until
+from planetary_mesh.client import Client
+from planetary_mesh.protocol import JobSubmit
+from planetary_mesh.testing import LocalMesh
+
+UNPLACEABLE = 1024**4  # more memory than any node offers: the tasks stay pending
+
+
+class MeshSystem:
+    name = "mesh"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.local: LocalMesh | None = None
+        self.client: Client | None = None
+
+    def start(self) -> None:
+        self.local = LocalMesh(self.root, agents=2, agent_cpus=1)
+        self.local.start()
+        self.client = self.local.client()
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.local is not None:
+            self.local.stop()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    @property
+    def _c(self) -> Client:
+        assert self.client is not None
+        return self.client
+
+    @property
+    def _mesh(self) -> LocalMesh:
+        assert self.local is not None
+        return self.local
+
+    def _run(self, argv: list[str], count: int) -> float:
+        """Submit one job and wait for its end; seconds from submit to the last result."""
+        started = time.perf_counter()
+        job = self._c.submit(JobSubmit(name="bench", argv=argv, count=count))
+        done = self._c.wait(job.id)
+        took = time.perf_counter() - started
+        if done.tasks["succeeded"] != count:
+            ok = done.tasks["succeeded"]
+            raise RuntimeError(f"mesh job {job.id}: only {ok}/{count} succeeded")
+        return took
+
+    # -- scenarios --------------------------------------------------------------------------
+
+    def footprint(self) -> int:
+        mesh = self._mesh
+        assert mesh.coordinator is not None
+        return tree_rss([mesh.coordinator.pid, *(a.pid for a in mesh.agents)])
+
+    def commands(self, count: int) -> float:
+        return self._run(["/bin/true"], count)
+
+    def latency(self, count: int) -> list[float]:
+        samples = []
+        for _ in range(count):
+            samples.append(self._run(["/bin/true"], 1))
+        return samples
+
+    def cpu_bound(self, tasks: int, loops: int) -> float:
+        code = SPIN_SOURCE.format(n=loops)
+        return self._run(["/usr/bin/python3", "-S", "-c", code], tasks)
+
+    def _running_on(self, job_id: str, attempt: int) -> int | None:
+        """The agent (0-based) running the job's one task in ``attempt`` or later, if any."""
+        job = self._c.job(job_id)
+        assert job.task_list is not None
+        task = job.task_list[0]
+        if task.state != "running" or task.attempts < attempt or task.node is None:
+            return None
+        names = {n.id: n.name for n in self._c.nodes()}
+        return int(names[task.node].rsplit("-", 1)[1]) - 1
+
+    def _rerun_after(self, harm: str, cap: float) -> tuple[float, int]:
+        job = self._c.submit(JobSubmit(name=f"bench-{harm}", argv=["sleep", "2"]))
+        deadline = time.monotonic() + 30
+        while (index := self._running_on(job.id, 1)) is None:
+            if time.monotonic() > deadline:
+                raise NotWithin("the task did not start within 30 s")
+            time.sleep(0.01)
+        proc = self._mesh.agents[index]
+        hit = time.perf_counter()
+        if harm == "kill":
+            self._mesh.kill_agent(index)
+        else:
+            kill(proc.pid, signal.SIGSTOP)
+        try:
+            try:
+                wait_until(
+                    lambda: self._running_on(job.id, 2) is not None, cap, "the rerun", step=0.01
+                )
+                rerun = time.perf_counter() - hit
+            except NotWithin:
+                rerun = float("inf")
+            done = self._c.wait(job.id, timeout=cap)
+            lost = 1 - done.tasks["succeeded"]
+        finally:
+            if harm == "kill":
+                self._mesh.restart_agent(index)
+            else:
+                kill(proc.pid, signal.SIGCONT)
+            self._mesh.wait_ready(2)
+        return rerun, lost
+
+    def kill_rerun(self, cap: float) -> tuple[float, int]:
+        return self._rerun_after("kill", cap)
+
+    def freeze_rerun(self, cap: float) -> tuple[float, int]:
+        return self._rerun_after("freeze", cap)
+
+    def pending_memory(self, count: int) -> int:
+        """The coordinator's resident memory holding ``count`` pending tasks."""
+        job = self._c.submit(
+            JobSubmit(name="bench-pending", argv=["/bin/true"], count=count, memory=UNPLACEABLE)
+        )
+        try:
+            assert self._mesh.coordinator is not None
+            pid = self._mesh.coordinator.pid
+            return peak_rss([pid], seconds=2.0)  # over a few scheduling rounds of the queue
+        finally:
+            self._c.cancel(job.id)

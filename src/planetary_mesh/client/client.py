@@ -7,6 +7,7 @@ It speaks the public REST API over mutual TLS and turns every failure into a
 from __future__ import annotations
 
 import base64
+import socket
 import ssl
 import time
 from datetime import UTC, datetime
@@ -43,6 +44,7 @@ from planetary_mesh.protocol import (
 )
 
 _ENDED = ("succeeded", "failed", "cancelled")
+_NO_DELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -55,7 +57,12 @@ class Client:
             raise TrustError(
                 f"cannot read the credentials named in {config.source}: {exc}"
             ) from exc
-        self._http = httpx.Client(base_url=config.coordinator, verify=context, timeout=timeout)
+        # TCP_NODELAY: a request's headers and body leave at once, not 40 ms apart (Nagle's
+        # algorithm waiting on the server's delayed ACK), which would put 40 ms on every call.
+        transport = httpx.HTTPTransport(verify=context, socket_options=_NO_DELAY)
+        self._http = httpx.Client(
+            base_url=config.coordinator, verify=context, timeout=timeout, transport=transport
+        )
 
     def _check_own_certificate(self) -> None:
         """The TLS layer refuses an expired certificate without a word: say it here."""

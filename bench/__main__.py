@@ -162,7 +162,8 @@ def main() -> None:
         for key, samples in cost.items():
             figures["mesh"][f"{key}_ms"] = median(samples) * 1000
         raw_round["sandbox_s"] = cost
-        log("  sandbox p50: " + ", ".join(f"{k} {median(v) * 1000:.2f} ms" for k, v in cost.items()))
+        shown = ", ".join(f"{k} {median(v) * 1000:.2f} ms" for k, v in cost.items())
+        log(f"  sandbox p50: {shown}")
         rounds.append(figures)
         raw.append(raw_round)
 

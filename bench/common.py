@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import statistics
@@ -24,7 +25,7 @@ class Sizes:
     cpu_tasks: int = 16
     cpu_seconds: float = 0.5
     pending: int = 100_000
-    rerun_cap: float = 60.0  # past this, a kill or freeze is reported as "not within the cap"
+    rerun_cap: float = 30.0  # past this, a kill or freeze is reported as "not within the cap"
 
     @classmethod
     def smoke(cls) -> Sizes:
@@ -38,7 +39,9 @@ class NotWithin(Exception):
     """A scenario's event did not happen within its cap (a frozen worker never replaced)."""
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, step: float = 0.005) -> None:
+def wait_until(
+    condition: Callable[[], bool], timeout: float, what: str, step: float = 0.005
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -102,7 +105,5 @@ def calibrate_spin(seconds: float) -> int:
 
 
 def kill(pid: int, sig: int = signal.SIGKILL) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass

@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench import tasks
 from bench.common import kill, tree_rss, wait_until
@@ -23,7 +24,7 @@ class DaskSystem:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.client: object = None
+        self.client: Any = None
 
     def _spawn(self, *args: str) -> subprocess.Popen[bytes]:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -51,11 +52,11 @@ class DaskSystem:
                 "--name", f"w{i}",
             )  # fmt: skip
         self.client = Client(scheduler_file=str(scheduler_file))
-        self.client.wait_for_workers(2, timeout=60)  # type: ignore[attr-defined]
+        self.client.wait_for_workers(2, timeout=60)
 
     def stop(self) -> None:
         if self.client is not None:
-            self.client.close()  # type: ignore[attr-defined]
+            self.client.close()
         for proc in self.procs:
             for child in _children(proc.pid):
                 kill(child)
@@ -63,7 +64,7 @@ class DaskSystem:
             proc.wait()
 
     @property
-    def _c(self):  # type: ignore[no-untyped-def]
+    def _c(self) -> Any:
         return self.client
 
     def footprint(self) -> int:

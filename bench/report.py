@@ -20,17 +20,43 @@ class Metric:
 
 
 METRICS = [
-    Metric("commands_per_s", "commands: /bin/true tasks per second", "/s", True, "≥ 1.0× Dask (aim ≥ 1.0× Ray)"),  # noqa: E501
-    Metric("latency_p50_ms", "latency: one tiny task, submit→result, p50", "ms", False, "≤ 1.0× Dask (aim ≤ 2× Ray)"),  # noqa: E501
+    Metric(
+        "commands_per_s",
+        "commands: /bin/true tasks per second",
+        "/s",
+        True,
+        "≥ 1.0× Dask (aim ≥ 1.0× Ray)",
+    ),
+    Metric(
+        "latency_p50_ms",
+        "latency: one tiny task, submit→result, p50",
+        "ms",
+        False,
+        "≤ 1.0× Dask (aim ≤ 2× Ray)",
+    ),
     Metric("latency_p99_ms", "latency p99", "ms", False, "≤ 3× own p50"),
     Metric("large_array_s", "large array: all tasks done", "s", False, ""),
     Metric("cpu_speedup", "CPU-bound: speedup over serial (limit 2.0)", "×", True, "≥ 1.9"),
     Metric("kill_rerun_s", "kill -9 a worker: task running again after", "s", False, "≤ 1 s"),
     Metric("kill_lost", "kill -9: results lost", "", False, "0"),
     Metric("freeze_rerun_s", "SIGSTOP a worker: task running again after", "s", False, "≤ 5 s"),
-    Metric("footprint_mib", "footprint: cluster of 2 idle workers, RSS", "MiB", False, "≤ 1.0× Dask"),  # noqa: E501
-    Metric("pending_mib", "coordinator RSS holding the pending tasks", "MiB", False, "≤ 300 MiB (100,000)"),  # noqa: E501
-    Metric("fresh_sandbox_ms", "sandbox cost: fresh bwrap, start→exit of /bin/true, p50", "ms", False, ""),  # noqa: E501
+    Metric(
+        "footprint_mib", "footprint: cluster of 2 idle workers, RSS", "MiB", False, "≤ 1.0× Dask"
+    ),
+    Metric(
+        "pending_mib",
+        "coordinator RSS holding the pending tasks",
+        "MiB",
+        False,
+        "≤ 300 MiB (100,000)",
+    ),
+    Metric(
+        "fresh_sandbox_ms",
+        "sandbox cost: fresh bwrap, start→exit of /bin/true, p50",
+        "ms",
+        False,
+        "",
+    ),
     Metric("warm_sandbox_ms", "sandbox cost: in a warm sandbox, p50", "ms", False, ""),
     Metric("fork_exec_ms", "sandbox cost: plain fork+exec (floor), p50", "ms", False, ""),
 ]
@@ -46,7 +72,9 @@ def fmt(value: float) -> str:
     return f"{value:.2f}"
 
 
-def summarize(rounds: list[dict[str, dict[str, float]]], systems: list[str]) -> list[dict[str, Any]]:
+def summarize(
+    rounds: list[dict[str, dict[str, float]]], systems: list[str]
+) -> list[dict[str, Any]]:
     """One row per metric: per system the median and range, and the mesh's ratios."""
     rows = []
     for metric in METRICS:

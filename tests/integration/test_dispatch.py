@@ -99,3 +99,30 @@ def test_higher_priority_goes_first_and_a_known_job_is_not_resent(tmp_path: Path
     (second,) = _drain(node)
     assert second["jobs"] == {}
     assert [t[3] for t in second["tasks"]] == [low.id]
+
+
+def test_small_work_behind_a_long_run_of_tasks_that_fit_nowhere_still_starts(
+    tmp_path: Path,
+) -> None:
+    # The round reads the queue a page at a time; backfill must look past whole pages of
+    # tasks too big for any node.
+    service = _service(tmp_path)
+    big = service.submit("alice", JobSubmit(argv=["true"], count=1000, memory=1024**4))
+    small = service.submit("bob", JobSubmit(argv=["true"], count=3, cpus=1.0, memory=MIB))
+    node = _connect(service, "n-a", cpus=2)
+    _drain(node)
+    service.schedule_round()
+    (sent,) = _drain(node)
+    assert [(t[3], t[4]) for t in sent["tasks"]] == [(small.id, 0), (small.id, 1)]
+    assert service.job(big.id).counts == {TaskState.PENDING: 1000}
+
+
+def test_a_lower_priority_job_waits_behind_a_higher_one_submitted_later(tmp_path: Path) -> None:
+    service = _service(tmp_path)
+    low = service.submit("alice", JobSubmit(argv=["true"], count=100, priority=0))
+    high = service.submit("bob", JobSubmit(argv=["true"], count=2, priority=5))
+    node = _connect(service, "n-a", cpus=3)
+    _drain(node)
+    service.schedule_round()
+    (sent,) = _drain(node)
+    assert [(t[3], t[4]) for t in sent["tasks"]] == [(high.id, 0), (high.id, 1), (low.id, 0)]

@@ -9,7 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planetary_mesh.core.scheduler import Demand, NodeCapacity, Placement, plan_placements
+from planetary_mesh.core.scheduler import (
+    Demand,
+    NodeCapacity,
+    Placement,
+    plan_placements,
+    remaining_capacity,
+)
 
 GIB = 1024**3
 MIB = 1024**2
@@ -296,3 +302,16 @@ def test_many_unplaceable_jobs_of_different_sizes_cost_a_bounded_amount_per_task
 @given(st.lists(st.tuples(cpu_demands, memory_demands), min_size=1, max_size=400))
 def test_the_cost_per_task_is_bounded_for_random_queues(shapes: list[tuple[float, int]]) -> None:
     assert _count_reads(shapes) <= READS_PER_TASK * len(shapes)
+
+
+def test_remaining_capacity_subtracts_placements_and_drops_full_nodes() -> None:
+    nodes = [NodeCapacity("a", 2.0, 1000), NodeCapacity("b", 1.0, 1000)]
+    queue = [Demand(1, 1.0, 100), Demand(2, 1.0, 100), Demand(3, 0.5, 900)]
+    placed = [Placement(1, "a"), Placement(2, "b"), Placement(3, "a")]
+    # a keeps half a CPU but no memory, b no CPU: neither can take more
+    assert remaining_capacity(nodes, placed, queue) == []
+    assert remaining_capacity(nodes, [], []) == nodes
+    assert remaining_capacity(nodes, [Placement(1, "a")], queue) == [
+        NodeCapacity("a", 1.0, 900),
+        NodeCapacity("b", 1.0, 1000),
+    ]

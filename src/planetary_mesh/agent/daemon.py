@@ -43,6 +43,7 @@ RECONNECT_MIN, RECONNECT_MAX = 0.2, 5.0
 RENEW_RETRY_MAX = 30.0  # seconds between tries to renew the node certificate
 DEFAULT_TASK_DISK = 4 * 1024**3  # what one task's work directory may take on the host's disk
 DEFAULT_TASK_LOG = 64 * 1024**2  # output of one attempt kept and sent; the rest is dropped
+STARTED_LINGER_S = 0.01  # how long a "started" may wait for company in a report
 
 
 @dataclass
@@ -68,9 +69,18 @@ class Outbox:
     seq: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def add(self, event: dict[str, Any]) -> None:
+    def add(self, event: dict[str, Any], linger: float = 0.0) -> None:
+        """Queue an event; with ``linger``, send it only that much later unless something
+        else goes first, so that it can share a report (and the coordinator's commit)."""
         self.pending.append(event)
-        self.ready.set()
+        if linger <= 0:
+            self.ready.set()
+        else:
+            asyncio.get_running_loop().call_later(linger, self._wake)
+
+    def _wake(self) -> None:
+        if self.pending or self.logs:
+            self.ready.set()
 
     def add_output(self, ref: TaskRef, offset: int, data: bytes) -> None:
         if ref in self.logs:
@@ -435,7 +445,9 @@ class Agent:
             self.running[ref] = running
             if ref in self.cancelled:
                 running.cancel(self.cancelled.pop(ref))
-            self.outbox.add({"kind": "started", "task": list(ref)})
+            # A start may wait a little: a short task's end then travels with it, and the
+            # coordinator commits both at once (one fsync per task instead of two).
+            self.outbox.add({"kind": "started", "task": list(ref)}, linger=STARTED_LINGER_S)
             outcome = await running.wait()
         except (MeshError, OSError) as exc:
             outcome = TaskOutcome(

@@ -30,7 +30,12 @@ from planetary_mesh.coordinator.sessions import AgentSession
 from planetary_mesh.coordinator.why import Explanation, explain_pending, explain_placed
 from planetary_mesh.core.liveness import LivenessPolicy, NodeLiveness, liveness_changes
 from planetary_mesh.core.model import Assignment, Job, JobSpec, Task, UserRecord
-from planetary_mesh.core.scheduler import NodeCapacity, plan_placements
+from planetary_mesh.core.scheduler import (
+    NodeCapacity,
+    Placement,
+    plan_placements,
+    remaining_capacity,
+)
 from planetary_mesh.core.states import NodeState, TaskState
 from planetary_mesh.errors import NotFound, RequestRejected, TokenError, TrustError
 from planetary_mesh.pki import certs, tokens
@@ -55,8 +60,10 @@ from planetary_mesh.store.sqlite import SQLiteStore
 
 log = logging.getLogger(__name__)
 
-# How many queued tasks one scheduling round looks at; the round repeats while it fills up.
+# How many queued tasks one scheduling round looks at, at most; the round repeats while it
+# fills up. It reads the queue in pages from SCHEDULE_FIRST_PAGE on, growing fourfold.
 SCHEDULE_BATCH = 4096
+SCHEDULE_FIRST_PAGE = 64
 # Ends that are the task's own doing count against its retries; the rest requeue it for free.
 _COUNTS_AGAINST_RETRIES = {
     "exited",
@@ -590,6 +597,7 @@ class CoordinatorService:
         now = self.clock()
         logs: list[tuple[int, int, int, bytes]] = []
         freed = False
+        assigned: list[tuple[str, Assignment]] = []
         with self.metrics.store_writes.time(), self.store.transaction():
             for event in report.events:
                 task_id, attempt, epoch = event.task
@@ -607,9 +615,25 @@ class CoordinatorService:
                     logs = []
                     freed |= self._record_end(session.node_id, event, now)
             self.store.record_logs(logs)
+            if freed:
+                # The freed room is filled in the same commit as the ends that freed it: one
+                # fsync, not two, between a task's end and the next one's start.
+                assigned = self._place_in_report()
         session.send({"type": "ack", "seq": report.seq})
+        self._dispatch(assigned)
         if freed:
+            # The loop still runs a round: more of the queue may fit, and a failed task's
+            # retry backoff is a new time for it to wake at.
             self.kick()
+
+    def _place_in_report(self) -> list[tuple[str, Assignment]]:
+        try:
+            with self.store.transaction():  # a savepoint: a failed round keeps the report
+                return self._place()
+        except Exception:
+            log.exception("scheduling after a report failed; the scheduler loop retries")
+            self.kick()
+            return []
 
     def _record_end(self, node_id: str, event: Ended, now: float) -> bool:
         task_id, attempt, epoch = event.task
@@ -668,12 +692,28 @@ class CoordinatorService:
 
     def schedule_round(self) -> int:
         """Place queued tasks on connected nodes, send each node its batch; how many placed."""
-        if not self.sessions:
-            return 0
-        with self.metrics.scheduling.time():
-            return self._schedule_round()
+        assigned = self._place()
+        self._dispatch(assigned)
+        return len(assigned)
 
-    def _schedule_round(self) -> int:
+    def _place(self) -> list[tuple[str, Assignment]]:
+        """Plan and commit a round (inside the caller's transaction, if any); sending is
+        _dispatch's, after the commit, so no agent hears of a placement the store may lose."""
+        if not self.sessions:
+            return []
+        with self.metrics.scheduling.time():
+            return self._place_round()
+
+    def _dispatch(self, assigned: list[tuple[str, Assignment]]) -> None:
+        by_node: dict[str, list[Assignment]] = defaultdict(list)
+        for node_id, assignment in assigned:
+            by_node[node_id].append(assignment)
+        for node_id, assignments in by_node.items():
+            session = self.sessions.get(node_id)
+            if session is not None:
+                self._send_assignments(session, assignments)
+
+    def _place_round(self) -> list[tuple[str, Assignment]]:
         usage = self.store.usage_by_node()
         capacity = []
         for node_id, session in self.sessions.items():
@@ -684,16 +724,28 @@ class CoordinatorService:
             capacity.append(
                 NodeCapacity(node_id, session.cpus - used_cpus, session.memory - used_memory)
             )
-        queue = self.store.pending_demands(SCHEDULE_BATCH, self.clock())
-        placements = plan_placements(capacity, queue)
-        by_node: dict[str, list[Assignment]] = defaultdict(list)
+        placements = self._plan(capacity)
         with self.metrics.store_writes.time():
-            assigned = self.store.assign(placements, self.clock())
-        for node_id, assignment in assigned:
-            by_node[node_id].append(assignment)
-        for node_id, assignments in by_node.items():
-            self._send_assignments(self.sessions[node_id], assignments)
-        return len(assigned)
+            return self.store.assign(placements, self.clock())
+
+    def _plan(self, capacity: list[NodeCapacity]) -> list[Placement]:
+        """Read the queue a page at a time, only as far as free room remains: a round with
+        one free slot looks at a few dozen tasks, not thousands (greedy backfill still looks
+        past tasks that fit nowhere, up to SCHEDULE_BATCH of them)."""
+        free = remaining_capacity(capacity, [], [])
+        placements: list[Placement] = []
+        offset, page = 0, SCHEDULE_FIRST_PAGE
+        now = self.clock()
+        while free:
+            queue = self.store.pending_demands(page, now, offset)
+            planned = plan_placements(free, queue)
+            placements += planned
+            free = remaining_capacity(free, planned, queue)
+            offset += len(queue)
+            if len(queue) < page or offset >= SCHEDULE_BATCH:
+                break
+            page = min(page * 4, SCHEDULE_BATCH - offset)
+        return placements
 
     def _send_assignments(self, session: AgentSession, assignments: list[Assignment]) -> None:
         jobs: dict[str, Any] = {}

@@ -67,3 +67,22 @@ def plan_placements(nodes: Iterable[NodeCapacity], queue: Sequence[Demand]) -> l
             del free[best]
         placements.append(Placement(demand.task_id, best))
     return placements
+
+
+def remaining_capacity(
+    nodes: Iterable[NodeCapacity], placements: Sequence[Placement], queue: Sequence[Demand]
+) -> list[NodeCapacity]:
+    """What is left free on ``nodes`` after ``placements`` (of demands in ``queue``); nodes
+    left with no CPU or no memory are dropped."""
+    demands = {d.task_id: d for d in queue}
+    free = {n.node_id: [n.free_cpus, n.free_memory] for n in nodes}
+    for placement in placements:
+        demand = demands[placement.task_id]
+        slot = free[placement.node_id]
+        slot[0] -= demand.cpus
+        slot[1] -= demand.memory
+    return [
+        NodeCapacity(node_id, float(cpus), int(memory))
+        for node_id, (cpus, memory) in free.items()
+        if cpus > _EPSILON and memory > 0
+    ]

@@ -164,4 +164,13 @@ MIGRATIONS: list[list[str]] = [
         # with jobs of 10,000 tasks than reading every task row).
         "CREATE INDEX tasks_by_job_state ON tasks (job_seq, state)",
     ],
+    [
+        # The queue in placement order straight from an index, no sort of every pending task
+        # per scheduling round: a task carries its job's priority (fixed at submit).
+        "ALTER TABLE tasks ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+        "UPDATE tasks SET priority = (SELECT j.priority FROM jobs j WHERE j.seq = tasks.job_seq)",
+        "CREATE INDEX tasks_queue ON tasks (state, priority DESC, lost_first DESC, job_seq, idx)",
+        # The earliest retry backoff to wake the scheduler for, without a scan.
+        "CREATE INDEX tasks_retry ON tasks (state, not_before)",
+    ],
 ]

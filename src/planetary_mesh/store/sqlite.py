@@ -374,8 +374,8 @@ class SQLiteStore(StoreReads):
                 ((job_id, name, data) for name, data in files.items()),
             )
             db.executemany(
-                "INSERT INTO tasks (job_seq, idx, state) VALUES (?, ?, ?)",
-                ((seq, i, TaskState.PENDING.value) for i in range(spec.count)),
+                "INSERT INTO tasks (job_seq, idx, state, priority) VALUES (?, ?, ?, ?)",
+                ((seq, i, TaskState.PENDING.value, spec.priority) for i in range(spec.count)),
             )
 
     def cancel_job(self, job_id: str, by: str, now: float) -> list[tuple[str, Assignment]]:
@@ -416,16 +416,20 @@ class SQLiteStore(StoreReads):
 
     # -- scheduling -------------------------------------------------------------------------
 
-    def pending_demands(self, limit: int, now: float = float("inf")) -> list[Demand]:
+    def pending_demands(
+        self, limit: int, now: float = float("inf"), offset: int = 0
+    ) -> list[Demand]:
         """The queue in placement order: highest priority first, then work taken back from a
-        lost node, then oldest job, then index. Tasks still backing off wait."""
+        lost node, then oldest job, then index. Tasks still backing off wait. Read in that
+        order from the tasks_queue index, so a short page of a long queue is cheap."""
         return [
             Demand(task_id=row[0], cpus=row[1], memory=row[2])
             for row in self._db.execute(
                 "SELECT t.id, j.cpus, j.memory FROM tasks t JOIN jobs j ON j.seq = t.job_seq"
                 " WHERE t.state=? AND (t.not_before IS NULL OR t.not_before <= ?)"
-                " ORDER BY j.priority DESC, t.lost_first DESC, t.job_seq, t.idx LIMIT ?",
-                (TaskState.PENDING.value, now, limit),
+                " ORDER BY t.priority DESC, t.lost_first DESC, t.job_seq, t.idx"
+                " LIMIT ? OFFSET ?",
+                (TaskState.PENDING.value, now, limit, offset),
             )
         ]
 

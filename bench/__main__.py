@@ -86,6 +86,11 @@ def one_round(name: str, sizes: Sizes, loops: int, serial_s: float, log: Any) ->
         log(f"  {name}: latency p50 {figures['latency_p50_ms']:.2f} ms")
         figures["large_array_s"] = system.commands(sizes.large_array)
         log(f"  {name}: {sizes.large_array} tasks in {figures['large_array_s']:.1f} s")
+        # Serial is the same work one after another: in one process for Dask and Ray, as one
+        # command after another for the mesh (its tasks are commands: interpreter start-up too).
+        own_serial = getattr(system, "serial_cpu", None)
+        if own_serial is not None:
+            serial_s = own_serial(sizes.cpu_tasks, loops)
         figures["cpu_speedup"] = serial_s / system.cpu_bound(sizes.cpu_tasks, loops)
         log(f"  {name}: cpu speedup {figures['cpu_speedup']:.2f}")
         figures["kill_rerun_s"], figures["kill_lost"] = system.kill_rerun(sizes.rerun_cap)

@@ -5,6 +5,7 @@ sandboxes on, the default)."""
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -77,6 +78,15 @@ class MeshSystem:
     def cpu_bound(self, tasks: int, loops: int) -> float:
         code = SPIN_SOURCE.format(n=loops)
         return self._run(["/usr/bin/python3", "-S", "-c", code], tasks)
+
+    def serial_cpu(self, tasks: int, loops: int) -> float:
+        """The CPU-bound work done one command after another on this machine, unsandboxed:
+        the mesh's serial baseline (the same interpreter and start-up as its tasks pay)."""
+        code = SPIN_SOURCE.format(n=loops)
+        started = time.perf_counter()
+        for _ in range(tasks):
+            subprocess.run(["/usr/bin/python3", "-S", "-c", code], check=True)
+        return time.perf_counter() - started
 
     def _running_on(self, job_id: str, attempt: int) -> int | None:
         """The agent (0-based) running the job's one task in ``attempt`` or later, if any."""

@@ -97,6 +97,14 @@ def one_round(name: str, sizes: Sizes, loops: int, serial_s: float, log: Any) ->
         log(f"  {name}: kill → rerun {figures['kill_rerun_s']:.2f} s")
         figures["freeze_rerun_s"], figures["freeze_lost"] = system.freeze_rerun(sizes.rerun_cap)
         log(f"  {name}: freeze → rerun {figures['freeze_rerun_s']:.2f} s")
+        restart = getattr(system, "restart", None)
+        if restart is not None:
+            figures["restart_serving_s"], figures["restart_resumed_s"] = restart(sizes.pending)
+            log(
+                f"  {name}: restart with {sizes.pending} tasks: serving after"
+                f" {figures['restart_serving_s']:.2f} s, tasks ending again after"
+                f" {figures['restart_resumed_s']:.2f} s"
+            )
         pending = getattr(system, "pending_memory", None)
         if pending is not None:
             figures["pending_mib"] = pending(sizes.pending) / MIB

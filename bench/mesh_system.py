@@ -135,6 +135,26 @@ class MeshSystem:
     def freeze_rerun(self, cap: float) -> tuple[float, int]:
         return self._rerun_after("freeze", cap)
 
+    def restart(self, count: int) -> tuple[float, float]:
+        """kill -9 the coordinator while a job of ``count`` tasks is under way, start it
+        again: seconds until it serves again, and until tasks finish again."""
+        job = self._c.submit(JobSubmit(name="bench-restart", argv=["/bin/true"], count=count))
+        wait_until(lambda: self._c.job(job.id, tasks=False).tasks["succeeded"] > 0, 60, "work")
+        self._mesh.kill_coordinator()
+        hit = time.perf_counter()
+        self._mesh.start_coordinator()  # returns once it listens again
+        serving = time.perf_counter() - hit
+        self._c.close()
+        self.client = self._mesh.client()
+        before = self._c.job(job.id, tasks=False).tasks["succeeded"]
+        wait_until(
+            lambda: self._c.job(job.id, tasks=False).tasks["succeeded"] > before, 120, "progress"
+        )
+        resumed = time.perf_counter() - hit
+        self._c.cancel(job.id)
+        self._mesh.wait_ready(2)
+        return serving, resumed
+
     def pending_memory(self, count: int) -> int:
         """The coordinator's resident memory holding ``count`` pending tasks."""
         job = self._c.submit(

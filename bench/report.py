@@ -44,6 +44,20 @@ METRICS = [
         "footprint_mib", "footprint: cluster of 2 idle workers, RSS", "MiB", False, "≤ 1.0× Dask"
     ),
     Metric(
+        "restart_serving_s",
+        "restart: coordinator kill -9 amid the pending job, serving again after",
+        "s",
+        False,
+        "",
+    ),
+    Metric(
+        "restart_resumed_s",
+        "restart: tasks finishing again after",
+        "s",
+        False,
+        "",
+    ),
+    Metric(
         "pending_mib",
         "coordinator RSS holding the pending tasks",
         "MiB",

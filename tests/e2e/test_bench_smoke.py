@@ -28,6 +28,7 @@ def test_the_benchmark_smoke_produces_every_mesh_figure(tmp_path: Path) -> None:
         "footprint_mib", "commands_per_s", "latency_p50_ms", "latency_p99_ms", "large_array_s",
         "cpu_speedup", "kill_rerun_s", "kill_lost", "freeze_rerun_s", "freeze_lost",
         "pending_mib", "fresh_sandbox_ms", "warm_sandbox_ms", "fork_exec_ms",
+        "restart_serving_s", "restart_resumed_s",
     }  # fmt: skip
     assert expected <= set(figures), expected - set(figures)
     assert figures["kill_lost"] == 0 and figures["freeze_lost"] == 0

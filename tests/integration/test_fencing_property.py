@@ -162,6 +162,7 @@ class FencingMachine(RuleBasedStateMachine):
     def submit(self, count: int, retries: int, cpus: float) -> None:
         body = JobSubmit(argv=["true"], count=count, retries=retries, cpus=cpus, memory=MIB)
         self.jobs.append(self.service.submit("alice", body).id)
+        self._pump()  # a submit places what fits at once, as a report does
 
     @rule()
     def schedule(self) -> None:

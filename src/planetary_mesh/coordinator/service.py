@@ -216,7 +216,10 @@ class CoordinatorService:
             tasks = "1 task" if spec.count == 1 else f"{spec.count} tasks"
             message = f"job {job_id} ({spec.name}, {tasks}) submitted by {owner}"
             self.store.add_event("job_submitted", message, now, job_id=job_id)
-        self.kick()
+            # Placed in the submit's own commit where room is free: one fsync, not two.
+            assigned = self._place_safely()
+        self._dispatch(assigned)
+        self.kick()  # the loop goes on if more of the queue fits
         return self.job(job_id)
 
     def job(self, job_id: str) -> Job:
@@ -618,7 +621,7 @@ class CoordinatorService:
             if freed:
                 # The freed room is filled in the same commit as the ends that freed it: one
                 # fsync, not two, between a task's end and the next one's start.
-                assigned = self._place_in_report()
+                assigned = self._place_safely()
         session.send({"type": "ack", "seq": report.seq})
         self._dispatch(assigned)
         if freed:
@@ -626,12 +629,14 @@ class CoordinatorService:
             # retry backoff is a new time for it to wake at.
             self.kick()
 
-    def _place_in_report(self) -> list[tuple[str, Assignment]]:
+    def _place_safely(self) -> list[tuple[str, Assignment]]:
+        """A round inside the caller's transaction, as a savepoint: if it fails, the caller's
+        change (a report, a submit) still commits and the scheduler loop tries again."""
         try:
-            with self.store.transaction():  # a savepoint: a failed round keeps the report
+            with self.store.transaction():
                 return self._place()
         except Exception:
-            log.exception("scheduling after a report failed; the scheduler loop retries")
+            log.exception("scheduling in the same commit failed; the scheduler loop retries")
             self.kick()
             return []
 

@@ -155,6 +155,18 @@ def test_the_event_stream_sends_new_events_and_resumes_after_the_last_one(
     finally:
         resumed.close()
     assert http.get("/v1/events/stream", params={"after": "x"}).status_code == 422
+    # A nonsense Last-Event-ID (past any event, past SQLite's integers) is no server error.
+    huge = {"Last-Event-ID": "9" * 24}
+    with http.stream("GET", "/v1/events/stream", headers=huge, timeout=10) as beyond:
+        assert beyond.status_code == 200
+        assert next(beyond.iter_lines()) == "retry: 2000"
+    stream = Stream(http, headers=huge)  # and new events after it are not sent
+    try:
+        submit(client, "after-huge")
+        with pytest.raises(queue.Empty):
+            stream.events.get(timeout=1.0)
+    finally:
+        stream.close()
 
 
 def test_the_event_stream_of_a_browser_ends_when_it_logs_out(

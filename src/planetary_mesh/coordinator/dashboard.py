@@ -188,7 +188,8 @@ def add_routes(app: FastAPI, service: CoordinatorService) -> None:
         """Server-sent events: every event after ``after`` (or the Last-Event-ID a
         reconnecting browser sends), then each new one as it is stored. Ends when the
         caller's credential stops being valid."""
-        cursor = int(last_event_id) if last_event_id and last_event_id.isdigit() else after
+        given = int(last_event_id) if last_event_id and last_event_id.isdigit() else after
+        cursor = min(given, 2**62)  # past any real event, and within SQLite's integers
         cookie = request.cookies.get(COOKIE) if peer_cert_der(request.scope) is None else None
         stream = _events_after(service, who, cursor, job, cookie)
         return StreamingResponse(

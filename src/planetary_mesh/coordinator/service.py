@@ -219,7 +219,8 @@ class CoordinatorService:
             # Placed in the submit's own commit where room is free: one fsync, not two.
             assigned = self._place_safely()
         self._dispatch(assigned)
-        self.kick()  # the loop goes on if more of the queue fits
+        if len(assigned) >= SCHEDULE_BATCH:
+            self.kick()  # more of the queue may fit: the loop goes on
         return self.job(job_id)
 
     def job(self, job_id: str) -> Job:
@@ -599,7 +600,7 @@ class CoordinatorService:
         agent can forget it."""
         now = self.clock()
         logs: list[tuple[int, int, int, bytes]] = []
-        freed = False
+        freed = retrying = False
         assigned: list[tuple[str, Assignment]] = []
         with self.metrics.store_writes.time(), self.store.transaction():
             for event in report.events:
@@ -616,7 +617,9 @@ class CoordinatorService:
                     # Output is stored before the end it precedes.
                     self.store.record_logs(logs)
                     logs = []
-                    freed |= self._record_end(session.node_id, event, now)
+                    state = self._record_end(session.node_id, event, now)
+                    freed |= state is not None
+                    retrying |= state is TaskState.PENDING
             self.store.record_logs(logs)
             if freed:
                 # The freed room is filled in the same commit as the ends that freed it: one
@@ -624,9 +627,9 @@ class CoordinatorService:
                 assigned = self._place_safely()
         session.send({"type": "ack", "seq": report.seq})
         self._dispatch(assigned)
-        if freed:
-            # The loop still runs a round: more of the queue may fit, and a failed task's
-            # retry backoff is a new time for it to wake at.
+        if retrying or len(assigned) >= SCHEDULE_BATCH:
+            # The round above filled the freed room; the loop is needed only when more of
+            # the queue may fit, or a retry's backoff is a new time for it to wake at.
             self.kick()
 
     def _place_safely(self) -> list[tuple[str, Assignment]]:
@@ -640,7 +643,8 @@ class CoordinatorService:
             self.kick()
             return []
 
-    def _record_end(self, node_id: str, event: Ended, now: float) -> bool:
+    def _record_end(self, node_id: str, event: Ended, now: float) -> TaskState | None:
+        """The task's state after this end, or None for a refused (late) result."""
         task_id, attempt, epoch = event.task
         outputs = {name: base64.b64decode(data) for name, data in event.outputs.items()}
         if sum(len(data) for data in outputs.values()) > MAX_OUTPUT_BYTES:
@@ -671,8 +675,7 @@ class CoordinatorService:
                 f"{attempt}: {event.message}",
                 node_id=node_id,
             )
-            return False
-        return True
+        return state
 
     # -- scheduling -------------------------------------------------------------------------
 

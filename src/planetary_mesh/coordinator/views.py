@@ -111,18 +111,10 @@ def nodes(service: CoordinatorService) -> list[NodeInfo]:
 
 
 def node_attempt_info(item: NodeAttempt) -> NodeAttemptInfo:
-    a = item.attempt
-    return NodeAttemptInfo(
-        job_id=item.job_id,
-        index=item.index,
-        attempt=a.number,
-        state=a.state.value,
-        exit_code=a.exit_code,
-        reason=a.reason,
-        assigned_at=a.assigned_at,
-        started_at=a.started_at,
-        ended_at=a.ended_at,
-    )
+    """An attempt as attempt_info shows it, less its node (the page is the node's), with
+    which task it was."""
+    shown = attempt_info(item.attempt).model_dump(exclude={"node", "late_result"})
+    return NodeAttemptInfo(job_id=item.job_id, index=item.index, **shown)
 
 
 def throughput_info(t: Throughput) -> ThroughputInfo:

@@ -166,9 +166,8 @@ function cancelControl(job) {
 async function cancelJob(id) {
   confirming.delete(id);
   try {
-    const job = await api(`/v1/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" });
+    await api(`/v1/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" });
     flash(`Job ${id} cancelled: its unfinished tasks end with reason "cancelled".`, "info");
-    void job;
   } catch (err) {
     flash(`Could not cancel job ${id}: ${err.message}`);
   }

@@ -9,6 +9,7 @@ from typing import Any
 
 from planetary_mesh.coordinator.service import CoordinatorService
 from planetary_mesh.coordinator.sessions import AgentSession
+from planetary_mesh.core.prefetch import PREFETCH_MAX_DEPTH
 from planetary_mesh.core.states import TaskState
 from planetary_mesh.pki import certs
 from planetary_mesh.protocol import Hello, JobSubmit, Report
@@ -98,7 +99,8 @@ def test_higher_priority_goes_first_and_a_known_job_is_not_resent(tmp_path: Path
     service.schedule_round()
     (second,) = _drain(node)
     assert second["jobs"] == {}
-    assert [t[3] for t in second["tasks"]] == [low.id]
+    # One for the freed CPU, and (its task proved short) the other two beyond the room.
+    assert [t[3] for t in second["tasks"]] == [low.id] * 3
 
 
 def test_small_work_behind_a_long_run_of_tasks_that_fit_nowhere_still_starts(
@@ -126,3 +128,56 @@ def test_a_lower_priority_job_waits_behind_a_higher_one_submitted_later(tmp_path
     service.schedule_round()
     (sent,) = _drain(node)
     assert [(t[3], t[4]) for t in sent["tasks"]] == [(high.id, 0), (high.id, 1), (low.id, 0)]
+
+
+def _report(seq: int, task: list[Any], kind: str) -> Report:
+    """A report of one task's ``started`` or ``ended`` (exit code 0)."""
+    event: dict[str, Any] = {"kind": kind, "task": task[:3]}
+    if kind == "ended":
+        event |= {"end": "exited", "exit_code": 0, "signal": None, "message": "exit code 0"}
+    return Report.model_validate_json(json.dumps({"type": "report", "seq": seq, "events": [event]}))
+
+
+def _clocked_service(tmp_path: Path, now: list[float]) -> CoordinatorService:
+    ca_cert, ca_key = certs.create_ca("test")
+    store = SQLiteStore(tmp_path / "mesh.db")
+    return CoordinatorService(store, ca_cert, ca_key, clock=lambda: now[0])
+
+
+def test_a_job_of_short_tasks_is_prefetched_and_a_long_one_is_not(tmp_path: Path) -> None:
+    now = [1000.0]
+    service = _clocked_service(tmp_path, now)
+    short = service.submit("alice", JobSubmit(argv=["true"], count=50, cpus=1, memory=MIB))
+    node = _connect(service, "n-a", cpus=1)
+    _drain(node)
+    service.schedule_round()
+    (first,) = _drain(node)
+    assert len(first["tasks"]) == 1  # nothing known of the job yet: one task per free CPU
+
+    # It started and ended within 5 ms: the room it freed is filled, and beyond the room the
+    # node is handed more of this job so that its next task is already there.
+    service.agent_report(node, _report(1, first["tasks"][0], "started"))
+    now[0] += 0.005
+    service.agent_report(node, _report(2, first["tasks"][0], "ended"))
+    (second,) = _drain(node)
+    assert len(second["tasks"]) == 1 + PREFETCH_MAX_DEPTH
+    assert {t[3] for t in second["tasks"]} == {short.id}
+    counts = service.job(short.id).counts
+    assert counts[TaskState.ASSIGNED] == 1 + PREFETCH_MAX_DEPTH
+    # People see the node full, not over-full.
+    (seen,) = service.store.nodes()
+    assert seen.used_cpus == 1 and seen.running == 1 + PREFETCH_MAX_DEPTH
+
+    # A job whose tasks take seconds gets one task per free CPU only, even on a node that
+    # still has prefetch room for the short job.
+    service.cancel(short.id, "alice")
+    _drain(node)
+    long = service.submit("alice", JobSubmit(argv=["true"], count=50, cpus=1, memory=MIB))
+    service.schedule_round()
+    (third,) = _drain(node)
+    assert len(third["tasks"]) == 1 and third["tasks"][0][3] == long.id
+    service.agent_report(node, _report(3, third["tasks"][0], "started"))
+    now[0] += 5.0
+    service.agent_report(node, _report(4, third["tasks"][0], "ended"))
+    (fourth,) = _drain(node)
+    assert len(fourth["tasks"]) == 1

@@ -132,8 +132,12 @@ def test_the_queue_is_ordered_by_priority_then_age_then_index(store: SQLiteStore
     ids = [task_of(store, job, index).id for job, index in expected]
     queue = store.pending_demands(100)
     assert [d.task_id for d in queue] == ids
-    assert queue[0] == Demand(ids[0], 5.0, 50 * MIB)
-    assert queue[-1] == Demand(ids[-1], 3.0, 30 * MIB)
+    assert queue[0] == Demand(ids[0], 5.0, 50 * MIB, job_seq=queue[0].job_seq)
+    assert queue[-1] == Demand(ids[-1], 3.0, 30 * MIB, job_seq=queue[-1].job_seq)
+    # Each task names its own job (prefetch depth is per job), one seq per job.
+    seqs = {job: d.job_seq for (job, _), d in zip(expected, queue, strict=True)}
+    assert all(seqs[job] == d.job_seq for (job, _), d in zip(expected, queue, strict=True))
+    assert len(set(seqs.values())) == len(seqs)
     assert [d.task_id for d in store.pending_demands(3)] == ids[:3]
 
     # Placed tasks leave the queue; the order of the rest stands.

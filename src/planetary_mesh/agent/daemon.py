@@ -18,6 +18,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from planetary_mesh import __version__
 from planetary_mesh.agent import probe
+from planetary_mesh.agent.admission import Admission
 from planetary_mesh.config import AgentPaths
 from planetary_mesh.errors import MeshError, TrustError
 from planetary_mesh.pki import certs, tls
@@ -118,6 +120,18 @@ class Outbox:
         return {(int(r[0]), int(r[1]), int(r[2])) for r in refs}
 
 
+def _never_started(ref: TaskRef, why: str) -> dict[str, Any]:
+    return {
+        "kind": "ended",
+        "task": list(ref),
+        "end": EndReason.CANCELLED.value,
+        "exit_code": None,
+        "signal": None,
+        "message": why,
+        "outputs": {},
+    }
+
+
 def _log_event(ref: TaskRef, offset: int, data: bytes) -> dict[str, Any]:
     return {
         "kind": "log",
@@ -162,6 +176,8 @@ class Agent:
         self.jobs: dict[str, JobInfo] = {}
         self.running: dict[TaskRef, RunningTask | None] = {}
         self.cancelled: dict[TaskRef, str] = {}
+        # Tasks beyond this node's room (prefetched) wait here for their turn.
+        self.admission: Admission[TaskRef] = Admission(cpus, memory)
         self._handles: set[asyncio.Task[None]] = set()  # keeps running task coroutines alive
         self.outbox = Outbox()
         self.heartbeat_interval = 1.0
@@ -203,9 +219,14 @@ class Agent:
             self.runner.close()
             shutil.rmtree(self.work_root, ignore_errors=True)
 
+    def _lease_holds(self) -> bool:
+        return time.monotonic() - self.last_renewed <= self.lease
+
     async def _lease_watchdog(self) -> None:
         while True:
             await asyncio.sleep(0.1)
+            if self.admission.waiting:
+                self.admission.wake()  # queued tasks held back by an expired lease look again
             silent = time.monotonic() - self.last_renewed
             if silent > self.lease and any(t is not None for t in self.running.values()):
                 log.warning(
@@ -384,8 +405,9 @@ class Agent:
                 running = self.running.get(ref)
                 if running is not None:
                     running.cancel(why)
-                elif ref in self.running:  # still starting: cancel it as soon as it exists
+                elif ref in self.running:  # queued or starting: it will not run (for long)
                     self.cancelled[ref] = why
+                    self.admission.wake()
         elif kind in ("welcome", "timing"):
             self.heartbeat_interval = float(message["heartbeat_interval"])
             self.lease = float(message["lease"])
@@ -417,6 +439,48 @@ class Agent:
             self.outbox.add_output(ref, offset, data)
             offset = self.task_log if room == 0 else offset + len(data)
 
+        if not await self.admission.enter(
+            ref,
+            job.cpus,
+            job.memory,
+            skip=lambda: ref in self.cancelled,
+            may_start=self._lease_holds,
+        ):
+            # Cancelled while queued: it never ran, and says so.
+            self.outbox.add(_never_started(ref, self.cancelled.pop(ref, "cancelled")))
+            self.running.pop(ref, None)
+            return
+        try:
+            outcome = await self._start_and_wait(ref, job_id, index, job, workdir, on_output)
+        finally:
+            self.admission.leave(job.cpus, job.memory)
+        outputs, note = collect_outputs(workdir, job.outputs)
+        if note:
+            on_output(note.encode())
+        self.outbox.flush_logs_of(ref)
+        self.outbox.add(
+            {
+                "kind": "ended",
+                "task": list(ref),
+                "end": outcome.reason.value,
+                "exit_code": outcome.exit_code,
+                "signal": outcome.signal,
+                "message": outcome.message,
+                "outputs": {n: base64.b64encode(d).decode() for n, d in outputs.items()},
+            }
+        )
+        self.running.pop(ref, None)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    async def _start_and_wait(
+        self,
+        ref: TaskRef,
+        job_id: str,
+        index: int,
+        job: JobInfo,
+        workdir: Path,
+        on_output: Callable[[bytes], None],
+    ) -> TaskOutcome:
         try:
             # The task user may pass through (not list) the folder above its own directory.
             workdir.parent.mkdir(mode=0o711, exist_ok=True)
@@ -456,23 +520,7 @@ class Agent:
                 signal=None,
                 message=f"could not start: {exc}",
             )
-        outputs, note = collect_outputs(workdir, job.outputs)
-        if note:
-            on_output(note.encode())
-        self.outbox.flush_logs_of(ref)
-        self.outbox.add(
-            {
-                "kind": "ended",
-                "task": list(ref),
-                "end": outcome.reason.value,
-                "exit_code": outcome.exit_code,
-                "signal": outcome.signal,
-                "message": outcome.message,
-                "outputs": {n: base64.b64encode(d).decode() for n, d in outputs.items()},
-            }
-        )
-        self.running.pop(ref, None)
-        shutil.rmtree(workdir, ignore_errors=True)
+        return outcome
 
     async def _kill_all(self, why: str) -> None:
         tasks = [t for t in self.running.values() if t is not None]

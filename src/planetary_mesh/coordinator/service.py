@@ -26,16 +26,12 @@ from planetary_mesh.coordinator.bootstrap import USER_CERT_LIFETIME
 from planetary_mesh.coordinator.browser import BrowserLogins
 from planetary_mesh.coordinator.changes import Changes
 from planetary_mesh.coordinator.metrics import Metrics
+from planetary_mesh.coordinator.planning import SCHEDULE_BATCH, plan_round
 from planetary_mesh.coordinator.sessions import AgentSession
 from planetary_mesh.coordinator.why import Explanation, explain_pending, explain_placed
 from planetary_mesh.core.liveness import LivenessPolicy, NodeLiveness, liveness_changes
 from planetary_mesh.core.model import Assignment, Job, JobSpec, Task, UserRecord
-from planetary_mesh.core.scheduler import (
-    NodeCapacity,
-    Placement,
-    plan_placements,
-    remaining_capacity,
-)
+from planetary_mesh.core.prefetch import JobDurations, NodeLoad
 from planetary_mesh.core.states import NodeState, TaskState
 from planetary_mesh.errors import NotFound, RequestRejected, TokenError, TrustError
 from planetary_mesh.pki import certs, tokens
@@ -60,10 +56,6 @@ from planetary_mesh.store.sqlite import SQLiteStore
 
 log = logging.getLogger(__name__)
 
-# How many queued tasks one scheduling round looks at, at most; the round repeats while it
-# fills up. It reads the queue in pages from SCHEDULE_FIRST_PAGE on, growing fourfold.
-SCHEDULE_BATCH = 4096
-SCHEDULE_FIRST_PAGE = 64
 # Ends that are the task's own doing count against its retries; the rest requeue it for free.
 _COUNTS_AGAINST_RETRIES = {
     "exited",
@@ -104,6 +96,7 @@ class CoordinatorService:
         store.on_commit = self.changes.notify
         self.metrics = Metrics(self)
         self._kick = asyncio.Event()
+        self.durations = JobDurations()  # how long jobs' tasks take: who may be prefetched
         # After a restart no session is up yet: every node waits to reconnect, and is owed a
         # grace before it can be declared lost.
         store.mark_nodes(NodeState.READY, NodeState.SUSPECT)
@@ -667,7 +660,9 @@ class CoordinatorService:
         )
         started = self.store.attempt_started_at(task_id, attempt)
         if state is not None and started is not None:
-            self.metrics.task_duration.observe(max(0.0, now - started))
+            started_at, job_seq = started
+            self.metrics.task_duration.observe(max(0.0, now - started_at))
+            self.durations.record(job_seq, now - started_at)
         if state is None:
             self.event(
                 "late_result",
@@ -723,37 +718,16 @@ class CoordinatorService:
 
     def _place_round(self) -> list[tuple[str, Assignment]]:
         usage = self.store.usage_by_node()
-        capacity = []
+        loads = []
         for node_id, session in self.sessions.items():
             live = self.liveness.get(node_id)
             if node_id in self.draining or live is None or live.state is not NodeState.READY:
                 continue  # draining, or silent (suspect): it keeps its work but gets no more
             used_cpus, used_memory = usage.get(node_id, (0.0, 0))
-            capacity.append(
-                NodeCapacity(node_id, session.cpus - used_cpus, session.memory - used_memory)
-            )
-        placements = self._plan(capacity)
+            loads.append(NodeLoad(node_id, session.cpus, session.memory, used_cpus, used_memory))
+        placements = plan_round(self.store, loads, self.durations.depths(), self.clock())
         with self.metrics.store_writes.time():
             return self.store.assign(placements, self.clock())
-
-    def _plan(self, capacity: list[NodeCapacity]) -> list[Placement]:
-        """Read the queue a page at a time, only as far as free room remains: a round with
-        one free slot looks at a few dozen tasks, not thousands (greedy backfill still looks
-        past tasks that fit nowhere, up to SCHEDULE_BATCH of them)."""
-        free = remaining_capacity(capacity, [], [])
-        placements: list[Placement] = []
-        offset, page = 0, SCHEDULE_FIRST_PAGE
-        now = self.clock()
-        while free:
-            queue = self.store.pending_demands(page, now, offset)
-            planned = plan_placements(free, queue)
-            placements += planned
-            free = remaining_capacity(free, planned, queue)
-            offset += len(queue)
-            if len(queue) < page or offset >= SCHEDULE_BATCH:
-                break
-            page = min(page * 4, SCHEDULE_BATCH - offset)
-        return placements
 
     def _send_assignments(self, session: AgentSession, assignments: list[Assignment]) -> None:
         jobs: dict[str, Any] = {}

@@ -28,6 +28,7 @@ class Demand:
     task_id: int
     cpus: float
     memory: int
+    job_seq: int = 0  # which job, for per-job policy such as prefetch depth
 
 
 @dataclass(frozen=True)

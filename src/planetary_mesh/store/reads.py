@@ -42,11 +42,14 @@ class StoreReads:
             for state, count in self._db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state")
         }
 
-    def attempt_started_at(self, task_id: int, attempt: int) -> float | None:
+    def attempt_started_at(self, task_id: int, attempt: int) -> tuple[float, int] | None:
+        """When an attempt started (if it did) and its job's seq."""
         row = self._db.execute(
-            "SELECT started_at FROM attempts WHERE task_id=? AND attempt=?", (task_id, attempt)
+            "SELECT a.started_at, t.job_seq FROM attempts a JOIN tasks t ON t.id = a.task_id"
+            " WHERE a.task_id=? AND a.attempt=?",
+            (task_id, attempt),
         ).fetchone()
-        return None if row is None or row[0] is None else float(row[0])
+        return None if row is None or row[0] is None else (float(row[0]), int(row[1]))
 
     def node_known(self, node_id: str) -> bool:
         return self._db.execute("SELECT 1 FROM nodes WHERE id=?", (node_id,)).fetchone() is not None
@@ -106,8 +109,9 @@ class StoreReads:
                     state=NodeState(row[2]),
                     cpus=row[3],
                     memory=row[4],
-                    used_cpus=used_cpus,
-                    used_memory=used_memory,
+                    # Prefetched tasks wait on the node beyond its size: it holds at most all.
+                    used_cpus=min(used_cpus, row[3]),
+                    used_memory=min(used_memory, row[4]),
                     running=running,
                     sandbox=row[5],
                     version=row[6],

@@ -423,9 +423,10 @@ class SQLiteStore(StoreReads):
         lost node, then oldest job, then index. Tasks still backing off wait. Read in that
         order from the tasks_queue index, so a short page of a long queue is cheap."""
         return [
-            Demand(task_id=row[0], cpus=row[1], memory=row[2])
+            Demand(task_id=row[0], cpus=row[1], memory=row[2], job_seq=row[3])
             for row in self._db.execute(
-                "SELECT t.id, j.cpus, j.memory FROM tasks t JOIN jobs j ON j.seq = t.job_seq"
+                "SELECT t.id, j.cpus, j.memory, t.job_seq FROM tasks t"
+                " JOIN jobs j ON j.seq = t.job_seq"
                 " WHERE t.state=? AND (t.not_before IS NULL OR t.not_before <= ?)"
                 " ORDER BY t.priority DESC, t.lost_first DESC, t.job_seq, t.idx"
                 " LIMIT ? OFFSET ?",

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
-from bench import sandbox_cost
+from bench import sandbox_cost, scale
 from bench.common import MIB, Sizes, calibrate_spin, median, percentile, spin
 from bench.report import markdown, summarize
 
@@ -66,7 +66,9 @@ def available(name: str) -> bool:
     return True
 
 
-def one_round(name: str, sizes: Sizes, loops: int, serial_s: float, log: Any) -> dict[str, Any]:
+def one_round(
+    name: str, sizes: Sizes, loops: int, serial_s: float, log: Any, first: bool
+) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix=f"pm-bench-{name}-"))
     system = make(name, root)
     figures: dict[str, float] = {}
@@ -99,12 +101,16 @@ def one_round(name: str, sizes: Sizes, loops: int, serial_s: float, log: Any) ->
         log(f"  {name}: freeze → rerun {figures['freeze_rerun_s']:.2f} s")
         restart = getattr(system, "restart", None)
         if restart is not None:
-            figures["restart_serving_s"], figures["restart_resumed_s"] = restart(sizes.pending)
+            # Running all of them to the end takes minutes: in the first round only.
+            serving, resumed, finished = restart(sizes.pending, finish=first)
+            figures["restart_serving_s"], figures["restart_resumed_s"] = serving, resumed
             log(
-                f"  {name}: restart with {sizes.pending} tasks: serving after"
-                f" {figures['restart_serving_s']:.2f} s, tasks ending again after"
-                f" {figures['restart_resumed_s']:.2f} s"
+                f"  {name}: restart with {sizes.pending} tasks: serving after {serving:.2f} s,"
+                f" tasks ending again after {resumed:.2f} s"
             )
+            if finished is not None:
+                figures["restart_finished_s"] = finished
+                log(f"  {name}: all {sizes.pending} done {finished:.0f} s after the kill")
         pending = getattr(system, "pending_memory", None)
         if pending is not None:
             figures["pending_mib"] = pending(sizes.pending) / MIB
@@ -167,9 +173,21 @@ def main() -> None:
         figures: dict[str, dict[str, float]] = {}
         raw_round: dict[str, Any] = {"serial_s": serial_s}
         for name in order:
-            done = one_round(name, sizes, loops, serial_s, log)
+            done = one_round(name, sizes, loops, serial_s, log, first=r == 0)
             figures[name] = done["figures"]
             raw_round[name] = done
+        if sizes.scale_agents:
+            root = Path(tempfile.mkdtemp(prefix="pm-bench-scale-"))
+            try:
+                found = scale.run(root, sizes.scale_agents, sizes.scale_window, sizes.scale_probes)
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+            figures["mesh"] |= found
+            log(
+                f"  mesh: {sizes.scale_agents} simulated agents: coordinator"
+                f" {found['scale_idle_cpu_share']:.0%} of a core idle,"
+                f" scheduling p99 {found['scale_latency_p99_ms']:.1f} ms"
+            )
         cost = sandbox_cost.measure(30 if args.smoke else 200)
         for key, samples in cost.items():
             figures["mesh"][f"{key}_ms"] = median(samples) * 1000
@@ -187,7 +205,8 @@ def main() -> None:
         + (" (smoke sizes: not a measurement)" if args.smoke else "")
         + f". Sizes: {sizes.commands} command tasks, {sizes.latency} sequential calls,"
         f" {sizes.large_array} tasks in one call, {sizes.cpu_tasks} CPU tasks of"
-        f" ~{sizes.cpu_seconds} s, {sizes.pending} pending tasks."
+        f" ~{sizes.cpu_seconds} s, {sizes.pending} pending tasks, {sizes.scale_agents}"
+        " simulated agents."
     )
     table = markdown(summarize(rounds, systems), systems, header)
     args.out.mkdir(parents=True, exist_ok=True)

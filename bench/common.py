@@ -26,12 +26,15 @@ class Sizes:
     cpu_seconds: float = 0.5
     pending: int = 100_000
     rerun_cap: float = 30.0  # past this, a kill or freeze is reported as "not within the cap"
+    scale_agents: int = 1000  # simulated agents (mesh only)
+    scale_window: float = 20.0  # seconds of heartbeats alone, for the coordinator's CPU share
+    scale_probes: int = 200  # one-task jobs, one after another, for scheduling latency
 
     @classmethod
     def smoke(cls) -> Sizes:
         return cls(
             commands=20, latency=10, large_array=50, cpu_tasks=4, cpu_seconds=0.05,
-            pending=1000, rerun_cap=30.0,
+            pending=1000, rerun_cap=30.0, scale_agents=20, scale_window=2.0, scale_probes=10,
         )  # fmt: skip
 
 

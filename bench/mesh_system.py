@@ -135,9 +135,10 @@ class MeshSystem:
     def freeze_rerun(self, cap: float) -> tuple[float, int]:
         return self._rerun_after("freeze", cap)
 
-    def restart(self, count: int) -> tuple[float, float]:
+    def restart(self, count: int, finish: bool) -> tuple[float, float, float | None]:
         """kill -9 the coordinator while a job of ``count`` tasks is under way, start it
-        again: seconds until it serves again, and until tasks finish again."""
+        again: seconds until it serves again, until tasks finish again, and (``finish``) until
+        the whole job is done, every task succeeded once."""
         job = self._c.submit(JobSubmit(name="bench-restart", argv=["/bin/true"], count=count))
         wait_until(lambda: self._c.job(job.id, tasks=False).tasks["succeeded"] > 0, 60, "work")
         self._mesh.kill_coordinator()
@@ -151,9 +152,16 @@ class MeshSystem:
             lambda: self._c.job(job.id, tasks=False).tasks["succeeded"] > before, 120, "progress"
         )
         resumed = time.perf_counter() - hit
-        self._c.cancel(job.id)
+        finished = None
+        if finish:
+            done = self._c.wait(job.id)
+            finished = time.perf_counter() - hit
+            if done.tasks["succeeded"] != count:
+                raise RuntimeError(f"after the restart only {done.tasks['succeeded']}/{count}")
+        else:
+            self._c.cancel(job.id)
         self._mesh.wait_ready(2)
-        return serving, resumed
+        return serving, resumed, finished
 
     def pending_memory(self, count: int) -> int:
         """The coordinator's resident memory holding ``count`` pending tasks."""

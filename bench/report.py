@@ -58,12 +58,38 @@ METRICS = [
         "",
     ),
     Metric(
+        "restart_finished_s",
+        "restart: the whole job done after (first round only)",
+        "s",
+        False,
+        "",
+    ),
+    Metric(
         "pending_mib",
         "coordinator RSS holding the pending tasks",
         "MiB",
         False,
         "≤ 300 MiB (100,000)",
     ),
+    Metric(
+        "scale_idle_cpu_share",
+        "scale: 1,000 simulated agents heartbeating, coordinator CPU (share of one core)",
+        "",
+        False,
+        "≤ 0.25",
+    ),
+    Metric(
+        "scale_busy_cpu_share",
+        "scale: the same while one-task jobs run back to back, coordinator CPU",
+        "",
+        False,
+        "",
+    ),
+    Metric(
+        "scale_latency_p50_ms", "scale: scheduling latency, submit→assigned, p50", "ms", False, ""
+    ),
+    Metric("scale_latency_p99_ms", "scale: scheduling latency p99", "ms", False, "≤ 50 ms"),
+    Metric("scale_not_ready", "scale: nodes not ready at the end", "", False, "0"),
     Metric(
         "fresh_sandbox_ms",
         "sandbox cost: fresh bwrap, start→exit of /bin/true, p50",

@@ -37,7 +37,7 @@ def run(
     root: Path, agents: int = 1000, window: float = 20.0, probes: int = 200
 ) -> dict[str, float]:
     """Figures: coordinator CPU share idle and under the probes (fractions of one core),
-    scheduling latency p50/p99 (seconds), nodes not ready at the end, sessions lost."""
+    scheduling latency p50/p99 (ms), nodes not ready at the end, sessions lost."""
     mesh = LocalMesh(root / "mesh", agents=0)
     sims: list[subprocess.Popen[str]] = []
     try:
@@ -103,8 +103,8 @@ def run(
     return {
         "scale_idle_cpu_share": idle_share,
         "scale_busy_cpu_share": busy_share,
-        "scale_latency_p50_s": percentile(latencies, 0.5),
-        "scale_latency_p99_s": percentile(latencies, 0.99),
+        "scale_latency_p50_ms": percentile(latencies, 0.5) * 1000,
+        "scale_latency_p99_ms": percentile(latencies, 0.99) * 1000,
         "scale_not_ready": float(not_ready),
         "scale_sessions_lost": float(lost_sessions),
     }

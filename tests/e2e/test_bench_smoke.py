@@ -28,10 +28,12 @@ def test_the_benchmark_smoke_produces_every_mesh_figure(tmp_path: Path) -> None:
         "footprint_mib", "commands_per_s", "latency_p50_ms", "latency_p99_ms", "large_array_s",
         "cpu_speedup", "kill_rerun_s", "kill_lost", "freeze_rerun_s", "freeze_lost",
         "pending_mib", "fresh_sandbox_ms", "warm_sandbox_ms", "fork_exec_ms",
-        "restart_serving_s", "restart_resumed_s",
+        "restart_serving_s", "restart_resumed_s", "restart_finished_s", "scale_idle_cpu_share",
+        "scale_busy_cpu_share", "scale_latency_p50_ms", "scale_latency_p99_ms", "scale_not_ready",
     }  # fmt: skip
     assert expected <= set(figures), expected - set(figures)
     assert figures["kill_lost"] == 0 and figures["freeze_lost"] == 0
+    assert figures["scale_not_ready"] == 0  # every simulated agent stayed ready
     assert all(v is not None and v >= 0 for v in figures.values()), figures
     (table,) = tmp_path.glob("smoke-*.md")
     assert "| commands: /bin/true tasks per second (/s) |" in table.read_text()

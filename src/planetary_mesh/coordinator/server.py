@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
 import ssl
@@ -26,6 +27,19 @@ from planetary_mesh.store.sqlite import SQLiteStore
 log = logging.getLogger(__name__)
 
 SERVER_CERT_POLL_S = 1.0
+# Collect young garbage every 50,000 allocations (not 700) and look at the oldest generation
+# 20 x 100 times less often than that. With 1,000 agent sessions the heap holds a few hundred
+# thousand long-lived objects, and CPython's default full collections (every ~0.5 s under
+# heartbeat traffic) stopped the event loop for ~190 ms each: the scheduling p99 went from
+# 24 ms to 200 ms (bench/scale.py). Reference counting still frees all acyclic garbage at once.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """Fewer, later cyclic-garbage collections, and none over what start-up built."""
+    gc.collect()
+    gc.freeze()  # modules, the app, the store: never garbage, never scanned again
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -111,6 +125,7 @@ async def serve(
     config.ssl = tls.server_ssl_context(paths.ca_cert, paths.server_cert, paths.server_key)
     reloader = asyncio.create_task(_reload_server_cert(config.ssl, paths))
     server = uvicorn.Server(config)
+    tune_gc()
     url = public_url(paths, host, actual_port)
     if client_config is not None and client_config.exists():
         write_client_config(client_config, url, paths.ca_cert, paths.admin_cert, paths.admin_key)

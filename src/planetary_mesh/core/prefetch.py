@@ -16,6 +16,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from planetary_mesh.core.scheduler import Demand, Placement
 
@@ -43,21 +44,28 @@ class JobDurations:
     def __init__(self, alpha: float = 0.2) -> None:
         self.alpha = alpha
         self._means: OrderedDict[int, float] = OrderedDict()
+        self._depths: dict[int, int] = {}  # kept up to date: read on every scheduling round
 
     def record(self, job_seq: int, seconds: float) -> None:
         seconds = max(0.0, seconds)
         mean = self._means.pop(job_seq, None)
-        self._means[job_seq] = seconds if mean is None else mean + self.alpha * (seconds - mean)
+        mean = seconds if mean is None else mean + self.alpha * (seconds - mean)
+        self._means[job_seq] = mean
+        depth = prefetch_depth(mean)
+        if depth:
+            self._depths[job_seq] = depth
+        else:
+            self._depths.pop(job_seq, None)
         while len(self._means) > _TRACKED_JOBS:
-            self._means.popitem(last=False)
+            forgotten, _ = self._means.popitem(last=False)
+            self._depths.pop(forgotten, None)
 
     def mean(self, job_seq: int) -> float | None:
         return self._means.get(job_seq)
 
-    def depths(self) -> dict[int, int]:
-        """Prefetch depth of every tracked job that has one."""
-        found = {seq: prefetch_depth(mean) for seq, mean in self._means.items()}
-        return {seq: depth for seq, depth in found.items() if depth > 0}
+    def depths(self) -> Mapping[int, int]:
+        """Prefetch depth of every tracked job that has one (a live, read-only view)."""
+        return MappingProxyType(self._depths)
 
 
 @dataclass(frozen=True)
@@ -109,5 +117,5 @@ def room_to_prefetch(nodes: Iterable[NodeLoad], depths: Mapping[int, int]) -> bo
     """Whether any node could take a prefetched task of any short job (a cheap upper bound)."""
     if not depths:
         return False
-    deepest = 1 + max(depths.values())
+    deepest = 1 + PREFETCH_MAX_DEPTH
     return any(n.cpus > 0 and n.used_cpus + _EPSILON < n.cpus * deepest for n in nodes)

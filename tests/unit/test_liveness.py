@@ -47,9 +47,9 @@ def change_of(node: NodeLiveness, now: float, policy: LivenessPolicy = POLICY) -
 def test_the_defaults_are_the_documented_ones() -> None:
     assert POLICY.heartbeat_interval == 1.0
     assert POLICY.lost_after_disconnect == 0.5
-    assert POLICY.lost_after_silence == 5.0
-    assert POLICY.silence_limits(1) == (3.0, 5.0)
-    assert POLICY.lease(1) == 4.0  # one beat before the node would be declared lost
+    assert POLICY.lost_after_silence == 4.0
+    assert POLICY.silence_limits(1) == (3.0, 4.0)
+    assert POLICY.lease(1) == 3.0  # one beat before the node would be declared lost
 
 
 # -- a closed session ---------------------------------------------------------------------------
@@ -96,26 +96,26 @@ def test_a_node_heard_recently_does_not_change(quiet: float) -> None:
 def test_a_silent_node_is_suspect_after_the_missed_beats() -> None:
     assert change_of(silent(), T0 + 2.999) is None
     assert change_of(silent(), T0 + 3.0) is SUSPECT  # 3 missed beats of 1 s
-    assert change_of(silent(), T0 + 4.9) is SUSPECT
+    assert change_of(silent(), T0 + 3.9) is SUSPECT
 
 
 def test_a_silent_node_already_suspect_is_not_reported_again() -> None:
     assert change_of(silent(SUSPECT), T0 + 3.0) is None
-    assert change_of(silent(SUSPECT), T0 + 4.999) is None
+    assert change_of(silent(SUSPECT), T0 + 3.999) is None
 
 
 def test_a_silent_node_is_lost_after_the_silence_grace() -> None:
-    assert change_of(silent(SUSPECT), T0 + 5.0) is LOST
+    assert change_of(silent(SUSPECT), T0 + 4.0) is LOST
     # Straight from ready too: a check that comes late does not need the suspect step first.
-    assert change_of(silent(READY), T0 + 5.0) is LOST
+    assert change_of(silent(READY), T0 + 4.0) is LOST
     assert change_of(silent(READY), T0 + 60.0) is LOST
 
 
 def test_silence_reasons_say_how_long() -> None:
     (suspect,) = liveness_changes([silent()], T0 + 3.0, POLICY)
     assert suspect.state is SUSPECT and "silent for 3.0s" in suspect.reason
-    (lost,) = liveness_changes([silent()], T0 + 5.0, POLICY)
-    assert lost.state is LOST and "silent for 5.0s" in lost.reason
+    (lost,) = liveness_changes([silent()], T0 + 4.0, POLICY)
+    assert lost.state is LOST and "silent for 4.0s" in lost.reason
 
 
 def test_silence_limits_follow_the_policy() -> None:

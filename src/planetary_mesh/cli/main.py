@@ -129,7 +129,7 @@ def coordinator(
     ] = "1s",
     lost_after: Annotated[
         str, typer.Option("--lost-after", help="Silence after which a node is lost.")
-    ] = "5s",
+    ] = "4s",
     disconnect_grace: Annotated[
         str,
         typer.Option("--disconnect-grace", help="How long a closed session may come back."),

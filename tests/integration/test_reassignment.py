@@ -206,6 +206,8 @@ def test_lost_work_goes_first_and_does_not_count_against_retries(
     service.check_liveness()
     assert task_of(service, lost).state is TaskState.PENDING
     newer = submit(service)  # newer pending work, submitted after the loss
+    clock.advance(2.0)  # the old job's task runs 2.5 s: not short, so nothing is prefetched
+    service.agent_heard(big)
 
     # "big" frees up: the task taken back from the lost node goes ahead of both the older
     # job's pending task and the newer job.

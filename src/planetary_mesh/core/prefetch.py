@@ -20,7 +20,7 @@ from types import MappingProxyType
 
 from planetary_mesh.core.scheduler import Demand, Placement
 
-PREFETCH_BELOW_S = 1.0  # a job whose tasks take less than this on average is prefetched
+PREFETCH_BELOW_S = 0.2  # a job whose tasks take less than this on average is prefetched
 PREFETCH_WINDOW_S = 0.05  # queue about this much work per CPU: more than one round trip
 PREFETCH_MAX_DEPTH = 8  # tasks queued per CPU at most, however short
 _EPSILON = 1e-9

@@ -54,6 +54,10 @@ class StoreError(MeshError):
     """The durable store failed."""
 
 
+class DiscoveryError(MeshError):
+    """Finding the coordinator on the LAN (mDNS) failed, or advertising it did."""
+
+
 class SandboxError(MeshError):
     """A task could not be started inside its sandbox."""
 

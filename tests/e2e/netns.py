@@ -14,9 +14,15 @@ import secrets
 import shutil
 import signal
 import subprocess
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
+from pydantic import TypeAdapter
+
+from planetary_mesh.protocol import JobInfo, NodeInfo
 
 IP = shutil.which("ip") or "/usr/sbin/ip"
 NFT = shutil.which("nft") or "/usr/sbin/nft"
@@ -159,6 +165,24 @@ class Network:
         self.processes[label] = proc
         return proc
 
+    def run(self, host: str, argv: Sequence[str], stdin: str | None = None) -> str:
+        """Run a short command in ``host``'s namespace; its output (raises NetnsError)."""
+        return _run(self.hosts[host].command(argv), stdin)
+
+    def run_for_result(
+        self, host: str, argv: Sequence[str], timeout: float
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` in ``host``'s namespace to its end, whatever its exit status."""
+        env = {k: v for k, v in os.environ.items() if k not in ("MESH_CONFIG", "MESH_TOKEN")}
+        return subprocess.run(
+            self.hosts[host].command(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=env,
+        )
+
     def check_running(self) -> None:
         for label, proc in self.processes.items():
             if proc.poll() is not None:
@@ -179,3 +203,80 @@ class Network:
 
     def heal(self, host: str) -> None:
         _run(self.hosts[host].command([NFT, "delete", "table", "inet", PARTITION_TABLE]))
+
+
+def build_network(names: Sequence[str], log_dir: Path) -> Iterator[Network]:
+    """A fixture's body: the network made, yielded, and always destroyed. Fails (never skips)
+    where it cannot be built."""
+    net = Network(names, log_dir)
+    try:
+        problem = None
+        try:
+            net.create()
+        except NetnsError as exc:
+            problem = str(exc)
+        if problem is not None:
+            pytest.fail(
+                "cannot build the test network: this test needs root (CAP_NET_ADMIN and "
+                f"CAP_SYS_ADMIN), iproute2 and nftables: {problem}",
+                pytrace=False,
+            )
+        yield net
+    finally:
+        net.destroy()
+
+
+CLI_TIMEOUT = 30.0
+_nodes = TypeAdapter(list[NodeInfo])
+
+
+class NamespacedMesh:
+    """A coordinator's data dir, and the `mesh` CLI run in that coordinator's namespace."""
+
+    def __init__(self, net: Network, data_dir: Path, host: str = "c") -> None:
+        self.net = net
+        self.host = host
+        self.data_dir = data_dir
+        self.config = str(data_dir / "client.toml")
+
+    def _command(self, args: Sequence[str]) -> list[str]:
+        return self.net.hosts[self.host].command([sys.executable, "-m", "planetary_mesh", *args])
+
+    def cli(self, *args: str) -> str:
+        proc = subprocess.run(
+            self._command(args), capture_output=True, text=True, timeout=CLI_TIMEOUT, check=False
+        )
+        if proc.returncode != 0:
+            raise AssertionError(
+                f"mesh {' '.join(args)} exited with {proc.returncode}: {proc.stderr.strip()}"
+            )
+        return proc.stdout
+
+    def cli_many(self, commands: list[list[str]]) -> list[str]:
+        """Run several `mesh` commands at once; their outputs, in order."""
+        procs = [
+            subprocess.Popen(
+                self._command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            for args in commands
+        ]
+        outputs = []
+        for args, proc in zip(commands, procs, strict=True):
+            out, err = proc.communicate(timeout=CLI_TIMEOUT)
+            if proc.returncode != 0:
+                raise AssertionError(
+                    f"mesh {' '.join(args)} exited with {proc.returncode}: {err.strip()}"
+                )
+            outputs.append(out)
+        return outputs
+
+    def nodes(self) -> dict[str, NodeInfo]:
+        """By name."""
+        self.net.check_running()
+        found = _nodes.validate_json(self.cli("nodes", "--config", self.config, "-o", "json"))
+        return {n.name: n for n in found}
+
+    def job(self, job_id: str) -> JobInfo:
+        return JobInfo.model_validate_json(
+            self.cli("status", job_id, "--config", self.config, "-o", "json")
+        )

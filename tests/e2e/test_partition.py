@@ -20,25 +20,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e.netns import PARTITION_RULES, NetnsError, Network
+from e2e.netns import CLI_TIMEOUT, PARTITION_RULES, NamespacedMesh, Network, build_network
 from helpers import kill_leftovers, processes_with, wait_for
 from pydantic import TypeAdapter
 
 from planetary_mesh.config import CoordinatorPaths
 from planetary_mesh.coordinator.bootstrap import init_mesh
-from planetary_mesh.protocol import JobInfo, NodeInfo
 
 pytestmark = pytest.mark.e2e
 
 AGENTS = ("a1", "a2", "a3")
 TASKS = 12
 PORT = 7443
-CLI_TIMEOUT = 30.0
 # A node silent this long is lost (with 1 s beats the grace works out at 4 s): it keeps the test
 # short, and the partition still has to outlast it.
 LOST_AFTER = "3s"
-
-_nodes = TypeAdapter(list[NodeInfo])
 
 # Run inside the coordinator's namespace: poll the job until a task has just started on the node,
 # then cut the node off at once (the partition command comes as JSON, its rules on stdin) and
@@ -74,78 +70,7 @@ print(json.dumps(running))
 
 @pytest.fixture
 def network(tmp_path: Path) -> Iterator[Network]:
-    net = Network(["c", *AGENTS], tmp_path / "logs")
-    try:
-        problem = None
-        try:
-            net.create()
-        except NetnsError as exc:
-            problem = str(exc)
-        if problem is not None:
-            # Fail, never skip: a machine that cannot run this test must say so.
-            pytest.fail(
-                "cannot build the test network: this test needs root (CAP_NET_ADMIN and "
-                f"CAP_SYS_ADMIN), iproute2 and nftables: {problem}",
-                pytrace=False,
-            )
-        yield net
-    finally:
-        net.destroy()
-
-
-class NamespacedMesh:
-    """The coordinator's data dir, and the `mesh` CLI run in the coordinator's namespace."""
-
-    def __init__(self, net: Network, data_dir: Path) -> None:
-        self.net = net
-        self.data_dir = data_dir
-        self.config = str(data_dir / "client.toml")
-
-    def cli(self, *args: str) -> str:
-        proc = subprocess.run(
-            self.net.hosts["c"].command([sys.executable, "-m", "planetary_mesh", *args]),
-            capture_output=True,
-            text=True,
-            timeout=CLI_TIMEOUT,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise AssertionError(
-                f"mesh {' '.join(args)} exited with {proc.returncode}: {proc.stderr.strip()}"
-            )
-        return proc.stdout
-
-    def cli_many(self, commands: list[list[str]]) -> list[str]:
-        """Run several `mesh` commands at once; their outputs, in order."""
-        procs = [
-            subprocess.Popen(
-                self.net.hosts["c"].command([sys.executable, "-m", "planetary_mesh", *args]),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for args in commands
-        ]
-        outputs = []
-        for args, proc in zip(commands, procs, strict=True):
-            out, err = proc.communicate(timeout=CLI_TIMEOUT)
-            if proc.returncode != 0:
-                raise AssertionError(
-                    f"mesh {' '.join(args)} exited with {proc.returncode}: {err.strip()}"
-                )
-            outputs.append(out)
-        return outputs
-
-    def nodes(self) -> dict[str, NodeInfo]:
-        """By name."""
-        self.net.check_running()
-        found = _nodes.validate_json(self.cli("nodes", "--config", self.config, "-o", "json"))
-        return {n.name: n for n in found}
-
-    def job(self, job_id: str) -> JobInfo:
-        return JobInfo.model_validate_json(
-            self.cli("status", job_id, "--config", self.config, "-o", "json")
-        )
+    yield from build_network(["c", *AGENTS], tmp_path / "logs")
 
 
 def test_partitioned_agent_past_the_grace_loses_nothing_and_duplicates_nothing(

@@ -33,6 +33,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "config": frozenset({"planetary_mesh.errors"}),
     "protocol": frozenset({"planetary_mesh.errors", "planetary_mesh.units"}),
     "pki": frozenset({"planetary_mesh.errors"}),
+    # Finding the coordinator on the LAN: a hint only, it trusts and decides nothing.
+    "discovery": frozenset({"planetary_mesh.errors"}),
     # The durable record knows the domain, nothing about the wire, the edges or the sandbox.
     "store": frozenset(
         {"planetary_mesh.core", "planetary_mesh.errors", "planetary_mesh.units"}
@@ -47,6 +49,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "coordinator": frozenset(
         {
             ROOT,
+            "planetary_mesh.discovery",
             "planetary_mesh.core",
             "planetary_mesh.store",
             "planetary_mesh.pki",
@@ -60,6 +63,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "agent": frozenset(
         {
             ROOT,
+            "planetary_mesh.discovery",
             "planetary_mesh.core",
             "planetary_mesh.sandbox",
             "planetary_mesh.pki",
@@ -94,6 +98,7 @@ ALLOWED: dict[str, frozenset[str]] = {
             "planetary_mesh.protocol",
             "planetary_mesh.coordinator.server",
             "planetary_mesh.coordinator.bootstrap",
+            "planetary_mesh.discovery",
             # `mesh users add` makes the person's key on the admin's machine, never the server.
             "planetary_mesh.pki",
             # The liveness policy `mesh coordinator`'s flags fill in: plain data, pointing inward.

@@ -21,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from planetary_mesh.errors import CAMismatchError, TokenError, TrustError
 from planetary_mesh.pki.certs import (
+    COORDINATOR_NAME,
     Identity,
     PeerKind,
     PrivateKey,
@@ -36,6 +37,7 @@ from planetary_mesh.pki.certs import (
     load_cert_pem,
     load_key_pem,
     make_csr,
+    names_coordinator,
     sign_node_csr,
     write_private_file,
     write_public_file,
@@ -170,7 +172,9 @@ def test_server_cert_names_its_hosts_and_is_server_only(ca: CA) -> None:
     cert, key = issue_server_cert(ca[0], ca[1], ["127.0.0.1", "::1", "[::1]", "mesh.local"], HOUR)
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
-    assert san.get_values_for_type(x509.DNSName) == ["mesh.local"]
+    # The fixed name a client checks when it found the coordinator by mDNS (ADR 13).
+    assert san.get_values_for_type(x509.DNSName) == ["mesh.local", COORDINATOR_NAME]
+    assert names_coordinator(cert) and not names_coordinator(ca[0])
     assert _eku(cert) == [ExtendedKeyUsageOID.SERVER_AUTH]
     assert cert.subject.rfc4514_string() == "OU=coordinator,CN=coordinator"
     assert cert.public_key() == key.public_key()
@@ -408,7 +412,7 @@ def _coordinator_ctx(
 
 
 def _exchange(
-    server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+    server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, server_hostname: str = "127.0.0.1"
 ) -> tuple[ServerSide, bytes | BaseException]:
     """One connection on 127.0.0.1; returns what the server saw and what the client read."""
     seen = ServerSide()
@@ -431,7 +435,7 @@ def _exchange(
         try:
             with (
                 socket.create_connection(listener.getsockname(), timeout=2) as raw,
-                client_ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+                client_ctx.wrap_socket(raw, server_hostname=server_hostname) as tls,
             ):
                 # Under TLS 1.3 a refused client certificate is only reported on first read.
                 outcome = tls.recv(5)
@@ -492,6 +496,20 @@ def test_tls_client_refuses_a_server_cert_for_another_host(ca: CA, tmp_path: Pat
     _, outcome = _exchange(server_ctx, client_ssl_context(cert_to_pem(ca[0])))
     assert isinstance(outcome, ssl.SSLCertVerificationError)
     assert "IP address mismatch" in outcome.verify_message
+
+
+def test_a_discovered_coordinator_is_checked_by_its_fixed_name_not_the_address(
+    ca: CA, other_ca: CA, tmp_path: Path
+) -> None:
+    # Made for 10.9.8.7, reached at 127.0.0.1 (as after DHCP moved it): the fixed name passes.
+    moved = _coordinator_ctx(tmp_path, ca, issue_server_cert(ca[0], ca[1], ["10.9.8.7"], HOUR))
+    client = client_ssl_context(cert_to_pem(ca[0]))
+    assert _exchange(moved, client, server_hostname=COORDINATOR_NAME)[1] == b"hello"
+    # Another mesh's coordinator carries the same name, but its CA is not ours: refused.
+    rogue_cert = issue_server_cert(other_ca[0], other_ca[1], ["127.0.0.1"], HOUR)
+    rogue = _coordinator_ctx(tmp_path, other_ca, rogue_cert)
+    _, outcome = _exchange(rogue, client, server_hostname=COORDINATOR_NAME)
+    assert isinstance(outcome, ssl.SSLCertVerificationError)
 
 
 def test_node_cert_fails_to_verify_as_a_server(ca: CA, tmp_path: Path) -> None:

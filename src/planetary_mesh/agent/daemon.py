@@ -30,6 +30,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from planetary_mesh import __version__
 from planetary_mesh.agent import probe
 from planetary_mesh.agent.admission import Admission
+from planetary_mesh.agent.join import tls_name
 from planetary_mesh.config import AgentPaths
 from planetary_mesh.errors import MeshError, TrustError
 from planetary_mesh.pki import certs, tls
@@ -155,10 +156,13 @@ class Agent:
         task_log: int = DEFAULT_TASK_LOG,
         labels: dict[str, str] | None = None,
         gpus: int = 0,
+        server_name: str | None = None,
     ) -> None:
         self.base = coordinator.rstrip("/")
         self.url = self.base.replace("https://", "wss://", 1) + "/v1/agent/session"
         self.paths = paths
+        # Found by mDNS: the certificate is checked for this fixed name, not the address.
+        self.server_name = server_name
         self.task_disk = task_disk
         self.task_log = min(task_log, MAX_LOG_BYTES)
         # Task work directories live outside the data dir (which holds the node's key and may
@@ -269,7 +273,11 @@ class Agent:
         key = certs.generate_key()
         csr = certs.make_csr(key, self.name)
         with httpx.Client(verify=self.ssl, timeout=30) as client:
-            response = client.post(f"{self.base}/v1/agent/renew", json={"csr": csr.decode()})
+            response = client.post(
+                f"{self.base}/v1/agent/renew",
+                json={"csr": csr.decode()},
+                extensions=tls_name(self.server_name),
+            )
         if response.status_code != 200:
             raise TrustError(
                 f"the coordinator refused to renew ({response.status_code}):"
@@ -312,6 +320,9 @@ class Agent:
             raise
 
     async def _run_session(self) -> None:
+        named: dict[str, Any] = {}
+        if self.server_name is not None:
+            named["server_hostname"] = self.server_name
         async with connect(
             self.url,
             ssl=self.ssl,
@@ -319,6 +330,7 @@ class Agent:
             ping_interval=5,
             ping_timeout=10,
             open_timeout=10,
+            **named,
         ) as ws:
             held = set(self.running) | self.outbox.held_ends()
             await ws.send(

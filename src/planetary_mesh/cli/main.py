@@ -48,12 +48,16 @@ app.add_typer(nodes_app, name="nodes")
 work.register(app)
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Where this keeps its files.")]
+DISCOVERY_SECONDS = 5.0  # how long a joining agent listens for its mesh's mDNS advertisement
 
 
 def _daemon_logging() -> None:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # zeroconf warns, with a traceback, about every interface it cannot send multicast on (an
+    # IPv6 one with no route, say); what discovery found or missed is said in our own words.
+    logging.getLogger("zeroconf").setLevel(logging.ERROR)
 
 
 def _coordinator_dirs(data_dir: Path | None) -> tuple[CoordinatorPaths, Path]:
@@ -148,6 +152,10 @@ def coordinator(
             help="How long an agent's certificate is valid; agents renew it on their own.",
         ),
     ] = "24h",
+    no_mdns: Annotated[
+        bool,
+        typer.Option("--no-mdns", help="Do not advertise the mesh on the LAN (mDNS/DNS-SD)."),
+    ] = False,
 ) -> None:
     """Serve the mesh API over HTTPS with client-certificate authentication."""
     from planetary_mesh.coordinator.server import serve
@@ -164,7 +172,9 @@ def coordinator(
     )
     backoff = (parse_duration(retry_backoff), 60.0)
     lifetime = timedelta(seconds=parse_duration(node_cert_lifetime))
-    asyncio.run(serve(paths, host, port, client_config, policy, backoff, lifetime))
+    asyncio.run(
+        serve(paths, host, port, client_config, policy, backoff, lifetime, mdns=not no_mdns)
+    )
 
 
 @app.command()
@@ -206,7 +216,7 @@ def agent(
 
     from planetary_mesh.agent import probe
     from planetary_mesh.agent.daemon import Agent
-    from planetary_mesh.agent.join import join, joined_state
+    from planetary_mesh.agent.join import find_and_join, join, joined_state
     from planetary_mesh.sandbox.runner import default_runner
 
     if warm_sandboxes not in ("auto", "always", "off"):
@@ -219,12 +229,16 @@ def agent(
     runner = default_runner(allow_unsandboxed=no_sandbox, warm=warm_sandboxes)
     state = joined_state(paths)
     if state is None:
-        if not coordinator or not token:
+        if not token:
             raise ConfigError(
-                "this agent has not joined a mesh yet: pass --coordinator URL and --token TOKEN "
-                "(make one with `mesh token create` on the coordinator)"
+                "this agent has not joined a mesh yet: pass --token TOKEN (make one with `mesh"
+                " token create` on the coordinator), and --coordinator URL unless the"
+                " coordinator is on this LAN (it is then found by mDNS)"
             )
-        node_id = join(coordinator, token, node_name, paths)
+        if coordinator:
+            node_id = join(coordinator, token, node_name, paths)
+        else:
+            node_id = find_and_join(token, node_name, paths, DISCOVERY_SECONDS)
         err_console.print(f"joined the mesh as node {node_id}", highlight=False)
         state = joined_state(paths)
         assert state is not None
@@ -242,6 +256,8 @@ def agent(
         task_log=parse_size(task_log),
         labels=labels,
         gpus=probe.detect_gpus(),
+        # A --coordinator given now is checked by its address; a found one by the fixed name.
+        server_name=None if coordinator else state.get("server_name"),
     )
     asyncio.run(daemon.run())
 

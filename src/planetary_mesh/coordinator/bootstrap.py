@@ -84,6 +84,15 @@ def rotate_server_cert(paths: CoordinatorPaths, hosts: list[str]) -> certs.Ident
     return certs.identity_of(server_cert)
 
 
+def ensure_coordinator_name(paths: CoordinatorPaths) -> bool:
+    """Re-issue the server certificate if it lacks COORDINATOR_NAME (made before discovery);
+    whether it did."""
+    if certs.names_coordinator(certs.load_cert_pem(paths.server_cert.read_bytes())):
+        return False
+    rotate_server_cert(paths, [])
+    return True
+
+
 def coordinator_url(host: str, port: int) -> str:
     if ":" in host:
         host = f"[{host}]"

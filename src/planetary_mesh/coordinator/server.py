@@ -13,13 +13,15 @@ from pathlib import Path
 
 import uvicorn
 
+from planetary_mesh import __version__
 from planetary_mesh.config import CoordinatorPaths, read_toml, write_client_config
 from planetary_mesh.coordinator.app import create_app
-from planetary_mesh.coordinator.bootstrap import coordinator_url
+from planetary_mesh.coordinator.bootstrap import coordinator_url, ensure_coordinator_name
 from planetary_mesh.coordinator.peer_cert import PeerCertHttpProtocol, PeerCertWebSocketProtocol
 from planetary_mesh.coordinator.service import CoordinatorService
 from planetary_mesh.core.liveness import LivenessPolicy
-from planetary_mesh.errors import ConfigError
+from planetary_mesh.discovery import Advertiser, advertised_addresses
+from planetary_mesh.errors import ConfigError, DiscoveryError
 from planetary_mesh.pki import certs, tls
 from planetary_mesh.protocol import MAX_REQUEST_BYTES
 from planetary_mesh.store.sqlite import SQLiteStore
@@ -89,9 +91,13 @@ async def serve(
     policy: LivenessPolicy | None = None,
     retry_backoff: tuple[float, float] = (1.0, 60.0),
     node_cert_lifetime: timedelta = timedelta(hours=24),
+    mdns: bool = True,
 ) -> None:
     if not paths.ca_key.exists():
         raise ConfigError(f"no mesh in {paths.root}: run `mesh init --data-dir {paths.root}` first")
+    if ensure_coordinator_name(paths):
+        log.warning("re-issued the server certificate: it now also names the coordinator for"
+                    " clients that find it by mDNS")  # fmt: skip
     ca_cert = certs.load_cert_pem(paths.ca_cert.read_bytes())
     ca_key = certs.load_key_pem(paths.ca_key.read_bytes())
     store = SQLiteStore(paths.database)
@@ -132,6 +138,7 @@ async def serve(
     scheduler = asyncio.create_task(service.run_scheduler())
     liveness = asyncio.create_task(service.run_liveness())
     announcer = asyncio.create_task(_announce_when_started(server, paths, url))
+    advertiser = await _advertise(paths, service.ca_hash, host, actual_port) if mdns else None
     try:
         await server.serve(sockets=[sock])
     finally:
@@ -139,9 +146,35 @@ async def serve(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if advertiser is not None:
+            await advertiser.stop()
         paths.url_file.unlink(missing_ok=True)
         store.close()
         sock.close()
+
+
+async def _advertise(
+    paths: CoordinatorPaths, ca_hash: str, host: str, port: int
+) -> Advertiser | None:
+    """Advertise the mesh on the LAN (ADR 13); without it the coordinator still serves, and
+    agents need --coordinator."""
+    addresses = advertised_addresses(host)
+    if not addresses:
+        log.info("not advertising over mDNS: listening on loopback only")
+        return None
+    settings = read_toml(paths.settings) if paths.settings.exists() else {}
+    name = str(settings.get("mesh_name", "mesh"))
+    advertiser = Advertiser(name, ca_hash, __version__, port, addresses)
+    try:
+        await advertiser.start()
+    except DiscoveryError as exc:
+        log.warning("%s", exc)
+        return None
+    log.warning(
+        "advertising the mesh over mDNS on %s (turn off with --no-mdns)",
+        ", ".join(advertiser.addresses),
+    )
+    return advertiser
 
 
 async def _reload_server_cert(context: ssl.SSLContext, paths: CoordinatorPaths) -> None:

@@ -98,12 +98,29 @@ def create_ca(
     return cert, key
 
 
+# Every coordinator certificate also carries this name: a client that found the coordinator by
+# mDNS dials an address the certificate was not made for, and checks this name instead
+# (ADR 13). Only the mesh's CA issues it, and only to its coordinator (node and user
+# certificates are client-only), so the check keeps its meaning.
+COORDINATOR_NAME = "planetary-mesh-coordinator"
+
+
+def names_coordinator(cert: x509.Certificate) -> bool:
+    """Whether ``cert`` carries COORDINATOR_NAME (certificates from before it did not)."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    return COORDINATOR_NAME in sans.get_values_for_type(x509.DNSName)
+
+
 def issue_server_cert(
     ca_cert: x509.Certificate, ca_key: PrivateKey, hosts: Sequence[str], lifetime: timedelta
 ) -> tuple[x509.Certificate, PrivateKey]:
-    """Issue the coordinator's certificate, valid for each of ``hosts`` (names or IP addresses)."""
+    """Issue the coordinator's certificate, valid for each of ``hosts`` (names or IP addresses)
+    and for COORDINATOR_NAME."""
     names: list[x509.GeneralName] = []
-    for host in hosts:
+    for host in [*hosts, COORDINATOR_NAME] if hosts else []:
         general = _general_name(host)
         if general not in names:
             names.append(general)

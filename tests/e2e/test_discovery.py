@@ -1,0 +1,98 @@
+"""Plug in a device and it joins: mDNS discovery across real hosts in network namespaces.
+
+Three hosts on a private bridge: the mesh's coordinator (c), a second mesh's coordinator with
+another CA on the same LAN (r), and a machine that has only a join token (a). Both coordinators
+advertise themselves; the agent must join the mesh its token names and ignore the other. With
+multicast dropped on the agent's host (nft on udp/5353), it must say why it found nothing and
+what to do, and the static --coordinator path must still work.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from e2e.netns import NFT, NamespacedMesh, Network, build_network
+from helpers import wait_for
+
+from planetary_mesh.config import CoordinatorPaths
+from planetary_mesh.coordinator.bootstrap import init_mesh
+
+pytestmark = pytest.mark.e2e
+
+PORT = 7443
+PYTHON = [sys.executable, "-m", "planetary_mesh"]
+# Drop mDNS (udp/5353) in and out of a host; everything else passes.
+NO_MDNS_TABLE = "pm_no_mdns"
+NO_MDNS_RULES = f"""
+table inet {NO_MDNS_TABLE} {{
+  chain input {{ type filter hook input priority 0; udp dport 5353 drop; udp sport 5353 drop; }}
+  chain output {{ type filter hook output priority 0; udp dport 5353 drop; udp sport 5353 drop; }}
+}}
+"""
+
+
+@pytest.fixture
+def network(tmp_path: Path) -> Iterator[Network]:
+    yield from build_network(["c", "r", "a"], tmp_path / "logs")
+
+
+def start_coordinator(network: Network, host: str, data_dir: Path, name: str) -> NamespacedMesh:
+    ip = network.hosts[host].ip
+    paths = CoordinatorPaths(data_dir)
+    init_mesh(paths, data_dir / "client.toml", [ip], mesh_name=name)
+    listen = f"{ip}:{PORT}"
+    argv = [*PYTHON, "coordinator", "--data-dir", str(data_dir), "--listen", listen]
+    network.spawn(host, f"coordinator-{name}", argv)
+
+    def listening() -> bool:
+        network.check_running()
+        return paths.url_file.exists()
+
+    wait_for(listening, 30, f"coordinator {name} to listen")
+    return NamespacedMesh(network, data_dir, host)
+
+
+def test_an_agent_with_only_a_token_joins_its_own_mesh_and_ignores_another(
+    network: Network, tmp_path: Path
+) -> None:
+    ours = start_coordinator(network, "c", tmp_path / "ours", "home")
+    theirs = start_coordinator(network, "r", tmp_path / "theirs", "neighbours")
+    token = ours.cli("token", "create", "--config", ours.config).strip()
+    agent = [*PYTHON, "agent", "--token", token, "--data-dir", str(tmp_path / "agent")]
+    network.spawn("a", "agent", [*agent, "--cpus", "1", "--name", "laptop"])
+
+    wait_for(
+        lambda: ours.nodes().get("laptop") is not None and ours.nodes()["laptop"].state == "ready",
+        60,
+        "the agent to find its coordinator by mDNS and join",
+    )
+    assert theirs.nodes() == {}  # the other mesh never heard from it
+    log = (tmp_path / "logs" / "agent.log").read_text()
+    assert "neighbours" in log and "another CA" in log, log  # it says what it ignored
+    # Work reaches it: the mesh is usable through the discovered address.
+    output = ours.cli("run", "--config", ours.config, "--", "echo", "found on the LAN")
+    assert "found on the LAN" in output
+
+
+def test_without_multicast_the_agent_says_why_and_the_static_address_still_works(
+    network: Network, tmp_path: Path
+) -> None:
+    ours = start_coordinator(network, "c", tmp_path / "ours", "home")
+    token = ours.cli("token", "create", "--uses", "2", "--config", ours.config).strip()
+    network.run("a", [NFT, "-f", "-"], stdin=NO_MDNS_RULES)
+    agent = [*PYTHON, "agent", "--token", token, "--data-dir", str(tmp_path / "lost")]
+    failed = network.run_for_result("a", agent, timeout=60)
+    assert failed.returncode != 0
+    assert "no mesh answered" in failed.stderr and "--coordinator" in failed.stderr, failed.stderr
+
+    url = f"https://{network.hosts['c'].ip}:{PORT}"
+    static = [*PYTHON, "agent", "--coordinator", url, "--token", token]
+    network.spawn("a", "agent", [*static, "--data-dir", str(tmp_path / "static"), "--name", "pc"])
+    wait_for(
+        lambda: ours.nodes().get("pc") is not None and ours.nodes()["pc"].state == "ready",
+        30,
+        "the agent to join at the static address",
+    )

@@ -114,6 +114,23 @@ class Advertiser:
             await self.stop()
             raise DiscoveryError(f"cannot advertise the mesh over mDNS: {error}") from error
 
+    async def update(self, addresses: list[str]) -> None:
+        """Advertise ``addresses`` from now on (DHCP gave this machine another one)."""
+        if not addresses or addresses == self.addresses:
+            return
+        if self._zeroconf is None or self._info is None:
+            return
+        self.addresses = addresses
+        self._info = AsyncServiceInfo(
+            SERVICE_TYPE,
+            self._info.name,  # the name it was registered under, changed or not
+            parsed_addresses=addresses,
+            port=self.port,
+            properties={"mesh": self.mesh, "ca": self.ca_hash, "version": self.version},
+            server=self._info.server,
+        )
+        await self._zeroconf.async_update_service(self._info)
+
     async def stop(self) -> None:
         if self._zeroconf is not None:
             with contextlib.suppress(Exception):

@@ -96,3 +96,39 @@ def test_without_multicast_the_agent_says_why_and_the_static_address_still_works
         30,
         "the agent to join at the static address",
     )
+
+
+def test_after_the_coordinator_changes_address_the_agent_finds_it_again(
+    network: Network, tmp_path: Path
+) -> None:
+    # Listening on every address (as on a real LAN), certified for loopback (the CLI here) and
+    # its first address only: after the move, the agent can check only the fixed name.
+    ip = network.hosts["c"].ip
+    data_dir = tmp_path / "ours"
+    paths = CoordinatorPaths(data_dir)
+    init_mesh(paths, data_dir / "client.toml", ["127.0.0.1", ip], mesh_name="home")
+    argv = [*PYTHON, "coordinator", "--data-dir", str(data_dir), "--listen", f"0.0.0.0:{PORT}"]
+    network.spawn("c", "coordinator-home", argv)
+    wait_for(lambda: paths.url_file.exists(), 30, "the coordinator to listen")
+    ours = NamespacedMesh(network, data_dir, "c")
+    token = ours.cli("token", "create", "--config", ours.config).strip()
+    agent = [*PYTHON, "agent", "--token", token, "--data-dir", str(tmp_path / "agent")]
+    network.spawn("a", "agent", [*agent, "--cpus", "1", "--name", "laptop"])
+
+    def ready() -> bool:
+        node = ours.nodes().get("laptop")
+        return node is not None and node.state == "ready"
+
+    wait_for(ready, 60, "the agent to join by mDNS")
+    # DHCP gives the coordinator's machine another address; the old one is gone.
+    moved = ip.rsplit(".", 1)[0] + ".200"
+    network.run("c", ["ip", "addr", "del", f"{ip}/24", "dev", "eth0"])
+    network.run("c", ["ip", "addr", "add", f"{moved}/24", "dev", "eth0"])
+    wait_for(lambda: ours.nodes()["laptop"].state != "ready", 30, "the coordinator to lose it")
+    wait_for(ready, 90, "the agent to find the coordinator at its new address")
+    log = (tmp_path / "logs" / "agent.log").read_text()
+    assert f"https://{moved}:{PORT}" in log and "moved" in log, log
+    # It remembers the new address for its next start, and work reaches it there.
+    assert moved in (tmp_path / "agent" / "agent.toml").read_text()
+    output = ours.cli("run", "--config", ours.config, "--", "echo", "still here")
+    assert "still here" in output

@@ -31,7 +31,8 @@ from planetary_mesh import __version__
 from planetary_mesh.agent import probe
 from planetary_mesh.agent.admission import Admission
 from planetary_mesh.agent.join import tls_name
-from planetary_mesh.config import AgentPaths
+from planetary_mesh.config import AgentPaths, read_toml, write_toml
+from planetary_mesh.discovery import find_coordinator
 from planetary_mesh.errors import MeshError, TrustError
 from planetary_mesh.pki import certs, tls
 from planetary_mesh.protocol import MAX_LOG_BYTES, MAX_OUTPUT_BYTES, MAX_REQUEST_BYTES
@@ -47,6 +48,8 @@ RENEW_RETRY_MAX = 30.0  # seconds between tries to renew the node certificate
 DEFAULT_TASK_DISK = 4 * 1024**3  # what one task's work directory may take on the host's disk
 DEFAULT_TASK_LOG = 64 * 1024**2  # output of one attempt kept and sent; the rest is dropped
 STARTED_LINGER_S = 0.01  # how long a "started" may wait for company in a report
+REDISCOVER_AFTER = 2  # failed tries in a row before an agent found by mDNS looks again
+REDISCOVER_SECONDS = 3.0
 
 
 @dataclass
@@ -191,6 +194,7 @@ class Agent:
         self.lease = 5.0
         self.last_renewed = time.monotonic()
         self._stopping = asyncio.Event()
+        self._opened = 0  # sessions opened so far
 
     # -- the connection ---------------------------------------------------------------------
 
@@ -202,8 +206,11 @@ class Agent:
         delay = RECONNECT_MIN
         watchdog = asyncio.create_task(self._lease_watchdog())
         renewal = asyncio.create_task(self._renewal_loop())
+        failed = 0  # tries in a row that got no session at all
+        looking: asyncio.Task[None] | None = None
         try:
             while not self._stopping.is_set():
+                opened = self._opened
                 try:
                     await self._session()
                     delay = RECONNECT_MIN
@@ -213,15 +220,40 @@ class Agent:
                     log.warning(
                         "no session with the coordinator (%s); retrying in %.1fs", exc, delay
                     )
+                failed = 0 if self._opened != opened else failed + 1
+                # Found by mDNS once: look again, beside the retries, in case it moved.
+                idle = looking is None or looking.done()
+                if failed >= REDISCOVER_AFTER and self.server_name is not None and idle:
+                    looking = asyncio.create_task(self._rediscover())
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 delay = min(delay * 2, RECONNECT_MAX)
         finally:
             watchdog.cancel()
             renewal.cancel()
+            if looking is not None:
+                looking.cancel()
             await self._kill_all("the agent is stopping")
             self.runner.close()
             shutil.rmtree(self.work_root, ignore_errors=True)
+
+    async def _rediscover(self) -> None:
+        """Look for this mesh's coordinator by mDNS (its CA hash); if it answers at another
+        address, use that from now on, and remember it for the next start."""
+        ca_hash = certs.ca_fingerprint(certs.load_cert_pem(self.paths.ca_cert.read_bytes()))
+        try:
+            urls, _ = await find_coordinator(ca_hash, REDISCOVER_SECONDS)
+        except Exception as exc:  # zeroconf's errors or OSError: the retries go on regardless
+            log.warning("could not look for the coordinator over mDNS: %s", exc)
+            return
+        if not urls or self.base in urls:
+            return
+        self.base = urls[0]
+        self.url = self.base.replace("https://", "wss://", 1) + "/v1/agent/session"
+        self.server_name = certs.COORDINATOR_NAME
+        state = read_toml(self.paths.state) if self.paths.state.exists() else {}
+        write_toml(self.paths.state, {**state, "coordinator": self.base})
+        log.warning("the coordinator moved: found it at %s by mDNS; reconnecting there", self.base)
 
     def _lease_holds(self) -> bool:
         return time.monotonic() - self.last_renewed <= self.lease
@@ -332,6 +364,7 @@ class Agent:
             open_timeout=10,
             **named,
         ) as ws:
+            self._opened += 1
             held = set(self.running) | self.outbox.held_ends()
             await ws.send(
                 json.dumps(

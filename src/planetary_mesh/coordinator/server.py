@@ -29,6 +29,7 @@ from planetary_mesh.store.sqlite import SQLiteStore
 log = logging.getLogger(__name__)
 
 SERVER_CERT_POLL_S = 1.0
+ADDRESS_POLL_S = 2.0  # how often the advertised addresses are checked against the machine's
 # Collect young garbage every 50,000 allocations (not 700) and look at the oldest generation
 # 20 x 100 times less often than that. With 1,000 agent sessions the heap holds a few hundred
 # thousand long-lived objects, and CPython's default full collections (every ~0.5 s under
@@ -139,6 +140,9 @@ async def serve(
     liveness = asyncio.create_task(service.run_liveness())
     announcer = asyncio.create_task(_announce_when_started(server, paths, url))
     advertiser = await _advertise(paths, service.ca_hash, host, actual_port) if mdns else None
+    follower = (
+        None if advertiser is None else asyncio.create_task(_follow_addresses(advertiser, host))
+    )
     try:
         await server.serve(sockets=[sock])
     finally:
@@ -146,6 +150,8 @@ async def serve(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if follower is not None:
+            follower.cancel()
         if advertiser is not None:
             await advertiser.stop()
         paths.url_file.unlink(missing_ok=True)
@@ -175,6 +181,20 @@ async def _advertise(
         ", ".join(advertiser.addresses),
     )
     return advertiser
+
+
+async def _follow_addresses(advertiser: Advertiser, host: str) -> None:
+    """Keep the advertisement true when this machine's addresses change (DHCP)."""
+    while True:
+        await asyncio.sleep(ADDRESS_POLL_S)
+        now = advertised_addresses(host)
+        if now and now != advertiser.addresses:
+            try:
+                await advertiser.update(now)
+            except Exception as exc:  # zeroconf's own errors; the next poll tries again
+                log.warning("could not update the mDNS advertisement: %s", exc)
+                continue
+            log.warning("this machine's addresses changed: now advertising %s", ", ".join(now))
 
 
 async def _reload_server_cert(context: ssl.SSLContext, paths: CoordinatorPaths) -> None:

@@ -107,6 +107,9 @@ class ClientConfig:
 
 
 _CLIENT_KEYS = {"coordinator", "ca", "cert", "key"}
+# As the coordinator's address (in client.toml or MESH_COORDINATOR): find it on the LAN by the
+# CA's hash (mDNS, ADR 13) instead.
+FIND_BY_MDNS = "mdns"
 
 
 def load_client_config(path: Path | None = None) -> ClientConfig:

@@ -16,13 +16,16 @@ from pathlib import Path
 import pytest
 from e2e.netns import NFT, NamespacedMesh, Network, build_network
 from helpers import wait_for
+from pydantic import TypeAdapter
 
 from planetary_mesh.config import CoordinatorPaths
 from planetary_mesh.coordinator.bootstrap import init_mesh
+from planetary_mesh.protocol import NodeInfo
 
 pytestmark = pytest.mark.e2e
 
 PORT = 7443
+_nodes = TypeAdapter(list[NodeInfo])
 PYTHON = [sys.executable, "-m", "planetary_mesh"]
 # Drop mDNS (udp/5353) in and out of a host; everything else passes.
 NO_MDNS_TABLE = "pm_no_mdns"
@@ -75,6 +78,12 @@ def test_an_agent_with_only_a_token_joins_its_own_mesh_and_ignores_another(
     # Work reaches it: the mesh is usable through the discovered address.
     output = ours.cli("run", "--config", ours.config, "--", "echo", "found on the LAN")
     assert "found on the LAN" in output
+    # The CLI on another machine of the LAN, told no address, finds the mesh its CA belongs
+    # to (not the neighbours').
+    nodes = [*PYTHON, "nodes", "--config", ours.config, "-o", "json"]
+    found = network.run_for_result("a", ["env", "MESH_COORDINATOR=mdns", *nodes], timeout=60)
+    assert found.returncode == 0, found.stderr
+    assert [n.name for n in _nodes.validate_json(found.stdout)] == ["laptop"]
 
 
 def test_without_multicast_the_agent_says_why_and_the_static_address_still_works(
@@ -87,6 +96,10 @@ def test_without_multicast_the_agent_says_why_and_the_static_address_still_works
     failed = network.run_for_result("a", agent, timeout=60)
     assert failed.returncode != 0
     assert "no mesh answered" in failed.stderr and "--coordinator" in failed.stderr, failed.stderr
+    # The CLI told to find it says the same kind of thing.
+    nodes = [*PYTHON, "nodes", "--config", ours.config]
+    lost = network.run_for_result("a", ["env", "MESH_COORDINATOR=mdns", *nodes], timeout=60)
+    assert lost.returncode != 0 and "no mesh answered" in lost.stderr, lost.stderr
 
     url = f"https://{network.hosts['c'].ip}:{PORT}"
     static = [*PYTHON, "agent", "--coordinator", url, "--token", token]

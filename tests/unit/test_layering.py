@@ -77,6 +77,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "client": frozenset(
         {
             ROOT,
+            "planetary_mesh.discovery",
             "planetary_mesh.core",
             "planetary_mesh.pki",
             "planetary_mesh.protocol",

@@ -6,7 +6,9 @@ It speaks the public REST API over mutual TLS and turns every failure into a
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import concurrent.futures
 import socket
 import ssl
 import time
@@ -17,7 +19,8 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, TypeAdapter
 
-from planetary_mesh.config import ClientConfig, load_client_config
+from planetary_mesh.config import FIND_BY_MDNS, ClientConfig, load_client_config
+from planetary_mesh.discovery import describe_others, find_coordinator
 from planetary_mesh.errors import (
     ClientError,
     CoordinatorUnreachable,
@@ -60,9 +63,35 @@ class Client:
         # TCP_NODELAY: a request's headers and body leave at once, not 40 ms apart (Nagle's
         # algorithm waiting on the server's delayed ACK), which would put 40 ms on every call.
         transport = httpx.HTTPTransport(verify=context, socket_options=_NO_DELAY)
+        base, self._extensions = config.coordinator, {}
+        if base == FIND_BY_MDNS:
+            base = self._find(config)
+            # Found, not configured: the certificate is checked for the coordinator's fixed
+            # name, not this address (ADR 13); the CA pin is the proof, as always.
+            self._extensions = {"sni_hostname": certs.COORDINATOR_NAME}
+        self.base_url = base
         self._http = httpx.Client(
-            base_url=config.coordinator, verify=context, timeout=timeout, transport=transport
+            base_url=base, verify=context, timeout=timeout, transport=transport
         )
+
+    @staticmethod
+    def _find(config: ClientConfig) -> str:
+        """The URL of the coordinator of ``config``'s mesh (its CA), found over mDNS."""
+        try:
+            ca_hash = certs.ca_fingerprint(certs.load_cert_pem(config.ca.read_bytes()))
+        except OSError as exc:
+            raise TrustError(f"cannot read the CA named in {config.source}: {exc}") from exc
+        # In a thread: a caller may already run an event loop (a notebook, an async app).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            urls, others = pool.submit(asyncio.run, find_coordinator(ca_hash, 3.0)).result()
+        if not urls:
+            raise CoordinatorUnreachable(
+                f"{config.source} says to find the coordinator by mDNS, and none of its mesh"
+                f" answered within 3 s ({describe_others(others)}): check that you are on the"
+                " coordinator's LAN and multicast (UDP 5353) passes, or put its https://HOST:PORT"
+                " in the config (or MESH_COORDINATOR)"
+            )
+        return urls[0]
 
     def _check_own_certificate(self) -> None:
         """The TLS layer refuses an expired certificate without a word: say it here."""
@@ -96,23 +125,23 @@ class Client:
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
-            response = self._http.request(method, path, **kwargs)
+            response = self._http.request(method, path, extensions=self._extensions, **kwargs)
         except httpx.ConnectError as exc:
             cause = exc.__context__ or exc.__cause__
             if isinstance(cause, ssl.SSLCertVerificationError):
                 raise TrustError(
-                    f"the server at {self.config.coordinator} is not this mesh's coordinator "
+                    f"the server at {self.base_url} is not this mesh's coordinator "
                     f"(its certificate does not verify against {self.config.ca}: "
                     f"{cause.verify_message})"
                 ) from exc
             raise CoordinatorUnreachable(
-                f"cannot reach the coordinator at {self.config.coordinator} ({exc}); is it "
+                f"cannot reach the coordinator at {self.base_url} ({exc}); is it "
                 f"running? the address comes from {self.config.source}"
             ) from exc
         except httpx.TransportError as exc:
             self._check_own_certificate()
             raise CoordinatorUnreachable(
-                f"the connection to {self.config.coordinator} failed: {exc}; check that the "
+                f"the connection to {self.base_url} failed: {exc}; check that the "
                 "coordinator is running and trusts this client's certificate"
             ) from exc
         if response.status_code < 400:

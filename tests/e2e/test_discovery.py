@@ -85,6 +85,22 @@ def test_an_agent_with_only_a_token_joins_its_own_mesh_and_ignores_another(
     assert found.returncode == 0, found.stderr
     assert [n.name for n in _nodes.validate_json(found.stdout)] == ["laptop"]
 
+    # `mesh doctor` with the token: both meshes seen, ours reached and proven; then the cause
+    # in words for a wrong address (the other mesh) and for one where nothing answers.
+    doctor = [*PYTHON, "doctor", "--token", token]
+    seen = network.run_for_result("a", doctor, timeout=60)
+    assert seen.returncode == 0, seen.stderr
+    assert "(this mesh)" in seen.stderr and "neighbours" in seen.stderr, seen.stderr
+    assert "another CA: ignored" in seen.stderr and "ok tls" in seen.stderr, seen.stderr
+    rogue = f"https://{network.hosts['r'].ip}:{PORT}"
+    wrong = network.run_for_result("a", [*doctor, "--coordinator", rogue], timeout=60)
+    assert wrong.returncode == 1 and "belongs to another mesh" in wrong.stderr, wrong.stderr
+    assert "token was made on another coordinator" in wrong.stderr
+    nobody = network.hosts["r"].ip.rsplit(".", 1)[0] + ".99"
+    gone = network.run_for_result("a", [*doctor, "--coordinator", f"https://{nobody}:{PORT}"], 60)
+    assert gone.returncode == 1 and "PROBLEM port" in gone.stderr, gone.stderr
+    assert "what to do:" in gone.stderr
+
 
 def test_without_multicast_the_agent_says_why_and_the_static_address_still_works(
     network: Network, tmp_path: Path
@@ -100,8 +116,14 @@ def test_without_multicast_the_agent_says_why_and_the_static_address_still_works
     nodes = [*PYTHON, "nodes", "--config", ours.config]
     lost = network.run_for_result("a", ["env", "MESH_COORDINATOR=mdns", *nodes], timeout=60)
     assert lost.returncode != 0 and "no mesh answered" in lost.stderr, lost.stderr
-
+    # `mesh doctor` names the cause, and that the coordinator itself is fine at its address.
     url = f"https://{network.hosts['c'].ip}:{PORT}"
+    doctor = [*PYTHON, "doctor", "--token", token]
+    told = network.run_for_result("a", [*doctor, "--coordinator", url], timeout=60)
+    assert told.returncode == 1, told.stderr
+    assert "PROBLEM mdns: no mesh answered" in told.stderr and "5353" in told.stderr, told.stderr
+    assert "ok port" in told.stderr and "ok tls" in told.stderr and "ok clock" in told.stderr
+
     static = [*PYTHON, "agent", "--coordinator", url, "--token", token]
     network.spawn("a", "agent", [*static, "--data-dir", str(tmp_path / "static"), "--name", "pc"])
     wait_for(

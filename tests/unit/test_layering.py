@@ -35,6 +35,10 @@ ALLOWED: dict[str, frozenset[str]] = {
     "pki": frozenset({"planetary_mesh.errors"}),
     # Finding the coordinator on the LAN: a hint only, it trusts and decides nothing.
     "discovery": frozenset({"planetary_mesh.errors"}),
+    # `mesh doctor`'s checks: the network, discovery, TLS against the mesh's CA.
+    "doctor": frozenset(
+        {"planetary_mesh.errors", "planetary_mesh.discovery", "planetary_mesh.pki"}
+    ),
     # The durable record knows the domain, nothing about the wire, the edges or the sandbox.
     "store": frozenset(
         {"planetary_mesh.core", "planetary_mesh.errors", "planetary_mesh.units"}
@@ -100,6 +104,7 @@ ALLOWED: dict[str, frozenset[str]] = {
             "planetary_mesh.coordinator.server",
             "planetary_mesh.coordinator.bootstrap",
             "planetary_mesh.discovery",
+            "planetary_mesh.doctor",
             # `mesh users add` makes the person's key on the admin's machine, never the server.
             "planetary_mesh.pki",
             # The liveness policy `mesh coordinator`'s flags fill in: plain data, pointing inward.

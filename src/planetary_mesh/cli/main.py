@@ -10,7 +10,7 @@ import sys
 import threading
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import click
 import typer
@@ -32,6 +32,9 @@ from planetary_mesh.config import (
 )
 from planetary_mesh.errors import ConfigError, MeshError
 from planetary_mesh.units import parse_duration, parse_size
+
+if TYPE_CHECKING:
+    from planetary_mesh.doctor import Subject
 
 app = typer.Typer(
     name="mesh",
@@ -277,6 +280,65 @@ def _parse_labels(given: list[str]) -> dict[str, str]:
     if len(labels) > MAX_LABELS:
         raise ConfigError(f"too many --label options: at most {MAX_LABELS}")
     return labels
+
+
+@app.command()
+def doctor(
+    token: Annotated[
+        str | None,
+        typer.Option("--token", envvar="MESH_TOKEN", help="A join token: look for its mesh."),
+    ] = None,
+    coordinator: Annotated[
+        str | None, typer.Option("--coordinator", help="https://HOST:PORT to try.")
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="An agent's data dir: check its mesh.")
+    ] = None,
+    config: ConfigOption = None,
+    seconds: Annotated[float, typer.Option("--seconds", help="How long to listen for mDNS.")] = 3,
+) -> None:
+    """Say what this machine sees of its mesh and why joining or connecting fails."""
+    from planetary_mesh.doctor import examine
+
+    findings = examine(_doctor_subject(token, coordinator, data_dir, config), seconds)
+    for finding in findings:
+        mark = "[green]ok[/]" if finding.ok else "[red]PROBLEM[/]"
+        # One finding, one line (soft wrap): a terminal wraps it; a log or grep sees it whole.
+        line = f"{mark} {finding.check}: {finding.seen}"
+        err_console.print(line, highlight=False, soft_wrap=True)
+        if not finding.ok and finding.fix:
+            err_console.print(f"   what to do: {finding.fix}", highlight=False, soft_wrap=True)
+    if not all(f.ok for f in findings):
+        raise typer.Exit(1)
+
+
+def _doctor_subject(
+    token: str | None, coordinator: str | None, data_dir: Path | None, config: Path | None
+) -> Subject:
+    """What `mesh doctor` looks for: a token's mesh, an agent's, or a client config's."""
+    from planetary_mesh.agent.join import joined_state
+    from planetary_mesh.config import FIND_BY_MDNS, load_client_config
+    from planetary_mesh.doctor import Subject
+    from planetary_mesh.pki import certs, tokens
+
+    if token:
+        return Subject(tokens.parse_join_token(token).ca_hash, coordinator=coordinator)
+    if data_dir is not None:
+        paths = AgentPaths(data_dir)
+        state = joined_state(paths)
+        if state is None:
+            raise ConfigError(f"no joined agent in {data_dir}: pass --token to check a join")
+        ca_pem = paths.ca_cert.read_bytes()
+        return Subject(
+            certs.ca_fingerprint(certs.load_cert_pem(ca_pem)),
+            ca_pem,
+            coordinator or state["coordinator"],
+            paths.cert,
+        )
+    loaded = load_client_config(config)
+    ca_pem = loaded.ca.read_bytes()
+    given = coordinator or (None if loaded.coordinator == FIND_BY_MDNS else loaded.coordinator)
+    return Subject(certs.ca_fingerprint(certs.load_cert_pem(ca_pem)), ca_pem, given, loaded.cert)
 
 
 @app.command()

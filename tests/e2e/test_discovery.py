@@ -167,3 +167,46 @@ def test_after_the_coordinator_changes_address_the_agent_finds_it_again(
     assert moved in (tmp_path / "agent" / "agent.toml").read_text()
     output = ours.cli("run", "--config", ours.config, "--", "echo", "still here")
     assert "still here" in output
+
+
+def test_over_ipv6_the_agent_finds_and_joins_a_coordinator_listening_on_ipv6_only(
+    network: Network, tmp_path: Path
+) -> None:
+    prefix = f"fd00:5eed:{int(network.hosts['c'].ip.split('.')[2]):x}"
+    for i, host in enumerate(("c", "a"), start=1):
+        network.run(host, ["ip", "addr", "add", f"{prefix}::{i}/64", "dev", "eth0", "nodad"])
+    address = f"{prefix}::1"
+    data_dir = tmp_path / "ours"
+    paths = CoordinatorPaths(data_dir)
+    init_mesh(paths, data_dir / "client.toml", [address], mesh_name="home")
+    argv = [*PYTHON, "coordinator", "--data-dir", str(data_dir), "--listen", f"[{address}]:{PORT}"]
+    network.spawn("c", "coordinator-home", argv)
+    wait_for(lambda: paths.url_file.exists(), 30, "the coordinator to listen")
+    ours = NamespacedMesh(network, data_dir, "c")
+    token = ours.cli("token", "create", "--config", ours.config).strip()
+    agent = [*PYTHON, "agent", "--token", token, "--data-dir", str(tmp_path / "agent")]
+    network.spawn("a", "agent", [*agent, "--cpus", "1", "--name", "v6"])
+    wait_for(
+        lambda: ours.nodes().get("v6") is not None and ours.nodes()["v6"].state == "ready",
+        60,
+        "the agent to find the coordinator over IPv6 and join",
+    )
+    log = (tmp_path / "logs" / "agent.log").read_text()
+    assert f"https://[{address}]:{PORT}" in log, log
+
+
+def test_a_coordinator_started_with_no_mdns_is_not_found(network: Network, tmp_path: Path) -> None:
+    ip = network.hosts["c"].ip
+    data_dir = tmp_path / "quiet"
+    paths = CoordinatorPaths(data_dir)
+    init_mesh(paths, data_dir / "client.toml", [ip], mesh_name="quiet")
+    argv = [*PYTHON, "coordinator", "--data-dir", str(data_dir), "--listen", f"{ip}:{PORT}"]
+    network.spawn("c", "coordinator-quiet", [*argv, "--no-mdns"])
+    wait_for(lambda: paths.url_file.exists(), 30, "the coordinator to listen")
+    quiet = NamespacedMesh(network, data_dir, "c")
+    token = quiet.cli("token", "create", "--config", quiet.config).strip()
+    agent = [*PYTHON, "agent", "--token", token, "--data-dir", str(tmp_path / "agent")]
+    failed = network.run_for_result("a", agent, timeout=60)
+    assert failed.returncode != 0 and "no mesh answered" in failed.stderr, failed.stderr
+    assert "--no-mdns" in failed.stderr  # the message names it as a likely cause
+    assert quiet.nodes() == {}

@@ -122,6 +122,8 @@ def load_client_config(path: Path | None = None) -> ClientConfig:
             "(or set MESH_CONFIG) to the client.toml they wrote"
         )
     raw = read_toml(path)
+    # No address configured: find the coordinator of this CA on the LAN.
+    raw.setdefault("coordinator", FIND_BY_MDNS)
     unknown = set(raw) - _CLIENT_KEYS
     missing = _CLIENT_KEYS - set(raw)
     if unknown or missing:

@@ -23,6 +23,7 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 from planetary_mesh.errors import DiscoveryError
 
 log = logging.getLogger(__name__)
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 SERVICE_TYPE = "_planetary-mesh._tcp.local."
 RESOLVE_TIMEOUT_MS = 1500
@@ -48,10 +49,9 @@ class Advertised:
         ]
 
 
-def lan_addresses() -> list[str]:
-    """This machine's addresses worth advertising: not loopback; IPv6 link-local left out (an
-    address without its interface cannot be dialled from another machine's view)."""
-    found: list[str] = []
+def interface_addresses() -> list[tuple[str, IPAddress]]:
+    """(interface, address) for every address of this machine but loopback."""
+    found = []
     for adapter in ifaddr.get_adapters():
         for ip in adapter.ips:
             text = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
@@ -59,10 +59,20 @@ def lan_addresses() -> list[str]:
                 address = ipaddress.ip_address(text)
             except ValueError:
                 continue
-            if address.is_loopback or address.is_link_local or address.is_unspecified:
-                continue
-            found.append(str(address))
-    return sorted(set(found))
+            if not address.is_loopback:
+                found.append((adapter.nice_name, address))
+    return found
+
+
+def lan_addresses() -> list[str]:
+    """This machine's addresses worth advertising: not loopback; IPv6 link-local left out (an
+    address without its interface cannot be dialled from another machine's view)."""
+    usable = {
+        str(address)
+        for _, address in interface_addresses()
+        if not (address.is_link_local or address.is_unspecified)
+    }
+    return sorted(usable)
 
 
 def advertised_addresses(listen_host: str) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import ipaddress
 import socket
 import ssl
 import time
@@ -19,9 +18,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-import ifaddr
 
-from planetary_mesh.discovery import Advertised, browse
+from planetary_mesh.discovery import Advertised, browse, interface_addresses
 from planetary_mesh.errors import TrustError
 from planetary_mesh.pki import certs, tls
 
@@ -51,16 +49,7 @@ class Subject:
 
 
 def interfaces() -> Finding:
-    found = []
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            text = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
-            try:
-                address = ipaddress.ip_address(text)
-            except ValueError:
-                continue
-            if not address.is_loopback:
-                found.append(f"{adapter.nice_name} {address}")
+    found = [f"{name} {address}" for name, address in interface_addresses()]
     if not found:
         return Finding(
             "network",

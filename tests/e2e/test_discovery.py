@@ -42,12 +42,23 @@ def network(tmp_path: Path) -> Iterator[Network]:
     yield from build_network(["c", "r", "a"], tmp_path / "logs")
 
 
-def start_coordinator(network: Network, host: str, data_dir: Path, name: str) -> NamespacedMesh:
+def start_coordinator(
+    network: Network,
+    host: str,
+    data_dir: Path,
+    name: str,
+    *,
+    hosts: list[str] | None = None,
+    listen: str | None = None,
+    args: tuple[str, ...] = (),
+) -> NamespacedMesh:
+    """A mesh made for ``hosts`` (default: the host's address) served on ``listen`` (default:
+    that address) in ``host``'s namespace; its CLI."""
     ip = network.hosts[host].ip
     paths = CoordinatorPaths(data_dir)
-    init_mesh(paths, data_dir / "client.toml", [ip], mesh_name=name)
-    listen = f"{ip}:{PORT}"
-    argv = [*PYTHON, "coordinator", "--data-dir", str(data_dir), "--listen", listen]
+    init_mesh(paths, data_dir / "client.toml", hosts or [ip], mesh_name=name)
+    listen = listen or f"{ip}:{PORT}"
+    argv = [*PYTHON, "coordinator", "--data-dir", str(data_dir), "--listen", listen, *args]
     network.spawn(host, f"coordinator-{name}", argv)
 
     def listening() -> bool:
@@ -58,20 +69,26 @@ def start_coordinator(network: Network, host: str, data_dir: Path, name: str) ->
     return NamespacedMesh(network, data_dir, host)
 
 
+def join_by_mdns(network: Network, mesh: NamespacedMesh, data_dir: Path, name: str) -> str:
+    """Start an agent on host "a" with only a token of ``mesh``; wait until it is ready there.
+    The token."""
+    token = mesh.cli("token", "create", "--config", mesh.config).strip()
+    agent = [*PYTHON, "agent", "--token", token, "--data-dir", str(data_dir), "--cpus", "1"]
+    network.spawn("a", "agent", [*agent, "--name", name])
+    wait_for(
+        lambda: mesh.nodes().get(name) is not None and mesh.nodes()[name].state == "ready",
+        60,
+        f"agent {name} to find its coordinator by mDNS and join",
+    )
+    return token
+
+
 def test_an_agent_with_only_a_token_joins_its_own_mesh_and_ignores_another(
     network: Network, tmp_path: Path
 ) -> None:
     ours = start_coordinator(network, "c", tmp_path / "ours", "home")
     theirs = start_coordinator(network, "r", tmp_path / "theirs", "neighbours")
-    token = ours.cli("token", "create", "--config", ours.config).strip()
-    agent = [*PYTHON, "agent", "--token", token, "--data-dir", str(tmp_path / "agent")]
-    network.spawn("a", "agent", [*agent, "--cpus", "1", "--name", "laptop"])
-
-    wait_for(
-        lambda: ours.nodes().get("laptop") is not None and ours.nodes()["laptop"].state == "ready",
-        60,
-        "the agent to find its coordinator by mDNS and join",
-    )
+    token = join_by_mdns(network, ours, tmp_path / "agent", "laptop")
     assert theirs.nodes() == {}  # the other mesh never heard from it
     log = (tmp_path / "logs" / "agent.log").read_text()
     assert "neighbours" in log and "another CA" in log, log  # it says what it ignored
@@ -139,22 +156,16 @@ def test_after_the_coordinator_changes_address_the_agent_finds_it_again(
     # Listening on every address (as on a real LAN), certified for loopback (the CLI here) and
     # its first address only: after the move, the agent can check only the fixed name.
     ip = network.hosts["c"].ip
-    data_dir = tmp_path / "ours"
-    paths = CoordinatorPaths(data_dir)
-    init_mesh(paths, data_dir / "client.toml", ["127.0.0.1", ip], mesh_name="home")
-    argv = [*PYTHON, "coordinator", "--data-dir", str(data_dir), "--listen", f"0.0.0.0:{PORT}"]
-    network.spawn("c", "coordinator-home", argv)
-    wait_for(lambda: paths.url_file.exists(), 30, "the coordinator to listen")
-    ours = NamespacedMesh(network, data_dir, "c")
-    token = ours.cli("token", "create", "--config", ours.config).strip()
-    agent = [*PYTHON, "agent", "--token", token, "--data-dir", str(tmp_path / "agent")]
-    network.spawn("a", "agent", [*agent, "--cpus", "1", "--name", "laptop"])
+    everywhere = f"0.0.0.0:{PORT}"
+    ours = start_coordinator(
+        network, "c", tmp_path / "ours", "home", hosts=["127.0.0.1", ip], listen=everywhere
+    )
+    join_by_mdns(network, ours, tmp_path / "agent", "laptop")
 
     def ready() -> bool:
         node = ours.nodes().get("laptop")
         return node is not None and node.state == "ready"
 
-    wait_for(ready, 60, "the agent to join by mDNS")
     # DHCP gives the coordinator's machine another address; the old one is gone.
     moved = ip.rsplit(".", 1)[0] + ".200"
     network.run("c", ["ip", "addr", "del", f"{ip}/24", "dev", "eth0"])
@@ -176,34 +187,15 @@ def test_over_ipv6_the_agent_finds_and_joins_a_coordinator_listening_on_ipv6_onl
     for i, host in enumerate(("c", "a"), start=1):
         network.run(host, ["ip", "addr", "add", f"{prefix}::{i}/64", "dev", "eth0", "nodad"])
     address = f"{prefix}::1"
-    data_dir = tmp_path / "ours"
-    paths = CoordinatorPaths(data_dir)
-    init_mesh(paths, data_dir / "client.toml", [address], mesh_name="home")
-    argv = [*PYTHON, "coordinator", "--data-dir", str(data_dir), "--listen", f"[{address}]:{PORT}"]
-    network.spawn("c", "coordinator-home", argv)
-    wait_for(lambda: paths.url_file.exists(), 30, "the coordinator to listen")
-    ours = NamespacedMesh(network, data_dir, "c")
-    token = ours.cli("token", "create", "--config", ours.config).strip()
-    agent = [*PYTHON, "agent", "--token", token, "--data-dir", str(tmp_path / "agent")]
-    network.spawn("a", "agent", [*agent, "--cpus", "1", "--name", "v6"])
-    wait_for(
-        lambda: ours.nodes().get("v6") is not None and ours.nodes()["v6"].state == "ready",
-        60,
-        "the agent to find the coordinator over IPv6 and join",
-    )
+    v6 = f"[{address}]:{PORT}"
+    ours = start_coordinator(network, "c", tmp_path / "ours", "home", hosts=[address], listen=v6)
+    join_by_mdns(network, ours, tmp_path / "agent", "v6")
     log = (tmp_path / "logs" / "agent.log").read_text()
     assert f"https://[{address}]:{PORT}" in log, log
 
 
 def test_a_coordinator_started_with_no_mdns_is_not_found(network: Network, tmp_path: Path) -> None:
-    ip = network.hosts["c"].ip
-    data_dir = tmp_path / "quiet"
-    paths = CoordinatorPaths(data_dir)
-    init_mesh(paths, data_dir / "client.toml", [ip], mesh_name="quiet")
-    argv = [*PYTHON, "coordinator", "--data-dir", str(data_dir), "--listen", f"{ip}:{PORT}"]
-    network.spawn("c", "coordinator-quiet", [*argv, "--no-mdns"])
-    wait_for(lambda: paths.url_file.exists(), 30, "the coordinator to listen")
-    quiet = NamespacedMesh(network, data_dir, "c")
+    quiet = start_coordinator(network, "c", tmp_path / "quiet", "quiet", args=("--no-mdns",))
     token = quiet.cli("token", "create", "--config", quiet.config).strip()
     agent = [*PYTHON, "agent", "--token", token, "--data-dir", str(tmp_path / "agent")]
     failed = network.run_for_result("a", agent, timeout=60)

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from planetary_mesh.config import (
+    FIND_BY_MDNS,
     ClientConfig,
     load_client_config,
     split_listen,
@@ -268,7 +269,13 @@ def test_an_unknown_key_is_refused_by_name(tmp_path: Path) -> None:
     assert str(path) in message
 
 
-@pytest.mark.parametrize("missing", sorted(GOOD))
+def test_no_coordinator_address_means_find_it_by_mdns(tmp_path: Path) -> None:
+    values = {k: v for k, v in GOOD.items() if k != "coordinator"}
+    config = load_client_config(write_config(tmp_path / "client.toml", **values))
+    assert config.coordinator == FIND_BY_MDNS == "mdns"
+
+
+@pytest.mark.parametrize("missing", sorted(set(GOOD) - {"coordinator"}))
 def test_a_missing_key_is_refused_by_name(tmp_path: Path, missing: str) -> None:
     values = {k: v for k, v in GOOD.items() if k != missing}
     path = write_config(tmp_path / "client.toml", **values)

@@ -204,7 +204,15 @@ async def find_coordinator(
 ) -> tuple[list[str], list[Advertised]]:
     """URLs of the coordinator whose CA hash is ``ca_hash`` (best first), and the other meshes
     seen (ignored: another CA)."""
-    seen = await browse(seconds)
+    try:
+        seen = await browse(seconds)
+    except DiscoveryError:
+        raise
+    except Exception as error:  # zeroconf's own tree, OSError: no multicast socket here at all
+        raise DiscoveryError(
+            f"cannot look for the coordinator over mDNS ({error}): pass --coordinator"
+            " https://HOST:PORT"
+        ) from error
     mine = [a for a in seen if a.ca_hash == ca_hash]
     others = [a for a in seen if a.ca_hash != ca_hash]
     return [url for a in mine for url in a.urls()], others

@@ -120,9 +120,12 @@ class Advertiser:
                 interfaces=InterfaceChoice.All, ip_version=_ip_version(self.addresses)
             )
             await self._zeroconf.async_register_service(self._info, allow_name_change=True)
-        except (OSError, Exception) as error:  # zeroconf raises its own tree and OSError
+        except Exception as error:  # zeroconf raises its own tree, and OSError
             await self.stop()
             raise DiscoveryError(f"cannot advertise the mesh over mDNS: {error}") from error
+        except BaseException:  # cancelled while probing: leave no sockets behind
+            await self.stop()
+            raise
 
     async def update(self, addresses: list[str]) -> None:
         """Advertise ``addresses`` from now on (DHCP gave this machine another one)."""

@@ -139,35 +139,31 @@ async def serve(
     scheduler = asyncio.create_task(service.run_scheduler())
     liveness = asyncio.create_task(service.run_liveness())
     announcer = asyncio.create_task(_announce_when_started(server, paths, url))
-    advertiser = await _advertise(paths, service.ca_hash, host, actual_port) if mdns else None
-    follower = (
-        None if advertiser is None else asyncio.create_task(_follow_addresses(advertiser, host))
+    # In the background: registering waits out mDNS probing (~2 s), serving must not.
+    advertising = (
+        asyncio.create_task(_advertise(paths, service.ca_hash, host, actual_port)) if mdns else None
     )
     try:
         await server.serve(sockets=[sock])
     finally:
-        for task in (scheduler, liveness, announcer, reloader):
+        for task in (scheduler, liveness, announcer, reloader, advertising):
+            if task is None:
+                continue
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if follower is not None:
-            follower.cancel()
-        if advertiser is not None:
-            await advertiser.stop()
         paths.url_file.unlink(missing_ok=True)
         store.close()
         sock.close()
 
 
-async def _advertise(
-    paths: CoordinatorPaths, ca_hash: str, host: str, port: int
-) -> Advertiser | None:
-    """Advertise the mesh on the LAN (ADR 13); without it the coordinator still serves, and
-    agents need --coordinator."""
+async def _advertise(paths: CoordinatorPaths, ca_hash: str, host: str, port: int) -> None:
+    """Advertise the mesh on the LAN (ADR 13) until cancelled, following this machine's
+    addresses; if it cannot, the coordinator still serves, and agents need --coordinator."""
     addresses = advertised_addresses(host)
     if not addresses:
         log.info("not advertising over mDNS: listening on loopback only")
-        return None
+        return
     settings = read_toml(paths.settings) if paths.settings.exists() else {}
     name = str(settings.get("mesh_name", "mesh"))
     advertiser = Advertiser(name, ca_hash, __version__, port, addresses)
@@ -175,12 +171,15 @@ async def _advertise(
         await advertiser.start()
     except DiscoveryError as exc:
         log.warning("%s", exc)
-        return None
+        return
     log.warning(
         "advertising the mesh over mDNS on %s (turn off with --no-mdns)",
         ", ".join(advertiser.addresses),
     )
-    return advertiser
+    try:
+        await _follow_addresses(advertiser, host)
+    finally:
+        await advertiser.stop()  # says goodbye on the LAN
 
 
 async def _follow_addresses(advertiser: Advertiser, host: str) -> None:

@@ -218,9 +218,12 @@ def test_waiting_on_a_job_returns_as_soon_as_it_ends(
     still = client.wait(job_id, timeout=0.5)
     assert still.state == "pending" and time.monotonic() - started >= 0.5
     with Client.from_config(coordinator.client_config) as other:
-        threading.Timer(0.5, other.cancel, [job_id]).start()
+        canceller = threading.Timer(0.5, other.cancel, [job_id])
+        canceller.start()
         started = time.monotonic()
         ended = client.wait(job_id, timeout=60)
+        # The wait may return before the cancel's own answer arrives: let it, before closing.
+        canceller.join(timeout=30)
     assert ended.state == "cancelled" and ended.tasks["cancelled"] == 2
     assert time.monotonic() - started < 30  # woken by the change, not by the time limit
     with admin_http(coordinator) as http:

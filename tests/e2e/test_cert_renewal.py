@@ -54,6 +54,14 @@ def test_an_agent_renews_its_certificate_and_an_expired_one_is_refused(tmp_path:
             assert certs.identity_of(renewed).name == certs.identity_of(first).name  # same node
             # A new session is made with the renewed certificate (the first one expired long ago).
             assert time.time() > first.not_valid_after_utc.timestamp()
+
+            # Stop it just after a renewal, so that what it restarts with is still valid for
+            # its start-up (a 3 s certificate stopped late in its life expires meanwhile).
+            def freshly_renewed() -> bool:
+                left = certs.load_cert_pem(paths.cert.read_bytes()).not_valid_after_utc
+                return left.timestamp() - time.time() > 2.0
+
+            wait_for(freshly_renewed, 4 * LIFETIME_S, "a fresh renewal")
             mesh.agents[0].terminate()
             mesh.agents[0].wait(10)
             mesh.restart_agent(0)

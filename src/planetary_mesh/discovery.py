@@ -105,16 +105,8 @@ class Advertiser:
                 "no LAN address to advertise (the coordinator listens on loopback only):"
                 " agents must be given --coordinator"
             )
-        instance = f"{self.mesh} {self.ca_hash[:12]}"
-        host = f"pm-{self.ca_hash[:12]}.local."
-        self._info = AsyncServiceInfo(
-            SERVICE_TYPE,
-            f"{instance}.{SERVICE_TYPE}",
-            parsed_addresses=self.addresses,
-            port=self.port,
-            properties={"mesh": self.mesh, "ca": self.ca_hash, "version": self.version},
-            server=host,
-        )
+        instance = f"{self.mesh} {self.ca_hash[:12]}.{SERVICE_TYPE}"
+        self._info = self._record(instance, f"pm-{self.ca_hash[:12]}.local.")
         try:
             self._zeroconf = AsyncZeroconf(
                 interfaces=InterfaceChoice.All, ip_version=_ip_version(self.addresses)
@@ -134,15 +126,19 @@ class Advertiser:
         if self._zeroconf is None or self._info is None:
             return
         self.addresses = addresses
-        self._info = AsyncServiceInfo(
+        # Under the name it was registered with (changed on a clash, or not).
+        self._info = self._record(self._info.name, self._info.server)
+        await self._zeroconf.async_update_service(self._info)
+
+    def _record(self, name: str, server: str | None) -> AsyncServiceInfo:
+        return AsyncServiceInfo(
             SERVICE_TYPE,
-            self._info.name,  # the name it was registered under, changed or not
-            parsed_addresses=addresses,
+            name,
+            parsed_addresses=self.addresses,
             port=self.port,
             properties={"mesh": self.mesh, "ca": self.ca_hash, "version": self.version},
-            server=self._info.server,
+            server=server,
         )
-        await self._zeroconf.async_update_service(self._info)
 
     async def stop(self) -> None:
         if self._zeroconf is not None:
@@ -209,8 +205,6 @@ async def find_coordinator(
     seen (ignored: another CA)."""
     try:
         seen = await browse(seconds)
-    except DiscoveryError:
-        raise
     except Exception as error:  # zeroconf's own tree, OSError: no multicast socket here at all
         raise DiscoveryError(
             f"cannot look for the coordinator over mDNS ({error}): pass --coordinator"

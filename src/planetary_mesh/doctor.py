@@ -45,7 +45,6 @@ class Subject:
     ca_pem: bytes | None = None
     coordinator: str | None = None
     cert: Path | None = None
-    key: Path | None = None
 
 
 def interfaces() -> Finding:
@@ -186,9 +185,7 @@ def tls_check(url: str, subject: Subject, server_name: str | None) -> tuple[Find
 
 def _fetch_ca(url: str) -> bytes | Finding:
     """The CA a coordinator hands joining agents, fetched without checking (the caller pins)."""
-    insecure = ssl.create_default_context()
-    insecure.check_hostname = False
-    insecure.verify_mode = ssl.CERT_NONE
+    insecure = tls.unverified_client_context()
     try:
         with httpx.Client(verify=insecure, timeout=CONNECT_TIMEOUT_S * 2) as client:
             body = client.get(f"{url.rstrip('/')}/v1/join").raise_for_status().json()

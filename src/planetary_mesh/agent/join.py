@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 
 import httpx
 
@@ -33,11 +32,8 @@ def join(
     (an address found by mDNS: ADR 13); it is kept for the agent's later connections."""
     token = tokens.parse_join_token(token_text)
     base = coordinator.rstrip("/")
-    insecure = ssl.create_default_context()
-    insecure.check_hostname = False
-    insecure.verify_mode = ssl.CERT_NONE
     try:
-        with httpx.Client(verify=insecure, timeout=10) as probe:
+        with httpx.Client(verify=tls.unverified_client_context(), timeout=10) as probe:
             ca_pem = probe.get(f"{base}/v1/join").raise_for_status().json()["ca"].encode()
     except httpx.HTTPError as exc:
         raise CoordinatorUnreachable(

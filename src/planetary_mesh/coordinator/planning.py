@@ -3,7 +3,7 @@ policies (core/scheduler.py for free room, core/prefetch.py beyond it)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from planetary_mesh.core.prefetch import NodeLoad, plan_prefetch, room_to_prefetch
 from planetary_mesh.core.scheduler import (
@@ -22,12 +22,21 @@ SCHEDULE_FIRST_PAGE = 64
 
 
 def plan_round(
-    store: SQLiteStore, loads: list[NodeLoad], depths: Mapping[int, int], now: float
+    store: SQLiteStore,
+    nodes: Callable[[], list[NodeLoad]],
+    depths: Mapping[int, int],
+    now: float,
 ) -> list[Placement]:
     """Read the queue only as far as free room remains: a round with one free slot looks at a
     few dozen tasks, not thousands (greedy backfill still looks past tasks that fit nowhere, up
     to SCHEDULE_BATCH of them). Then tasks of short jobs (``depths``) among those read are
-    prefetched beyond the room; prefetching alone reads one page, never more."""
+    prefetched beyond the room; prefetching alone reads one page, never more. ``nodes`` is
+    asked for only when something waits: most rounds after a report find the queue empty and
+    do no per-node work at all."""
+    first = store.pending_demands(SCHEDULE_FIRST_PAGE, now)
+    if not first:
+        return []
+    loads = nodes()
     capacity = [
         NodeCapacity(n.node_id, n.cpus - n.used_cpus, n.memory - n.used_memory) for n in loads
     ]
@@ -37,7 +46,7 @@ def plan_round(
     seen: list[Demand] = []
     offset, page = 0, SCHEDULE_FIRST_PAGE
     while free or (prefetching and offset == 0):
-        queue = store.pending_demands(page, now, offset)
+        queue = first if offset == 0 else store.pending_demands(page, now, offset)
         seen += queue
         planned = plan_placements(free, queue)
         placements += planned

@@ -717,9 +717,12 @@ class CoordinatorService:
                 self._send_assignments(session, assignments)
 
     def _place_round(self) -> list[tuple[str, Assignment]]:
-        now = self.clock()
-        if not self.store.pending_demands(1, now):
-            return []  # most rounds after a report: nothing waits (no per-node work at all)
+        placements = plan_round(self.store, self._loads, self.durations.depths(), self.clock())
+        with self.metrics.store_writes.time():
+            return self.store.assign(placements, self.clock())
+
+    def _loads(self) -> list[NodeLoad]:
+        """Every node that may be given work now, with what its tasks hold."""
         usage = self.store.usage_by_node()
         loads = []
         for node_id, session in self.sessions.items():
@@ -728,9 +731,7 @@ class CoordinatorService:
                 continue  # draining, or silent (suspect): it keeps its work but gets no more
             used_cpus, used_memory = usage.get(node_id, (0.0, 0))
             loads.append(NodeLoad(node_id, session.cpus, session.memory, used_cpus, used_memory))
-        placements = plan_round(self.store, loads, self.durations.depths(), now)
-        with self.metrics.store_writes.time():
-            return self.store.assign(placements, self.clock())
+        return loads
 
     def _send_assignments(self, session: AgentSession, assignments: list[Assignment]) -> None:
         jobs: dict[str, Any] = {}

@@ -13,6 +13,15 @@ from pathlib import Path
 from planetary_mesh.errors import TrustError
 
 
+def unverified_client_context() -> ssl.SSLContext:
+    """A client context that checks nothing: only for fetching a CA whose hash the caller then
+    compares with a join token's pin (the pin, not this connection, is the proof)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def server_ssl_context(ca_pem: Path, cert_pem: Path, key_pem: Path) -> ssl.SSLContext:
     """The coordinator's context: a client certificate is verified if sent, but not required.
 

@@ -27,7 +27,7 @@ from planetary_mesh.sandbox.bwrap import BwrapRunner
 from planetary_mesh.sandbox.limits import CGROUP_ROOT, Limits, detect_cgroups, own_cgroups
 from planetary_mesh.sandbox.runner import EndReason, RunningTask, TaskLaunch, TaskOutcome
 from planetary_mesh.sandbox.user import TaskUser
-from planetary_mesh.sandbox.warm import LAUNCHER_INSIDE, WarmMode, WarmSandbox
+from planetary_mesh.sandbox.warm import LAUNCHER, LAUNCHER_INSIDE, WarmMode, WarmSandbox
 
 MIB = 2**20
 
@@ -378,3 +378,18 @@ def test_a_full_pool_makes_room_by_closing_an_idle_jobs_sandbox(
             runner.close()
 
     asyncio.run(scenario())
+
+
+def test_the_launcher_bound_is_a_copy_the_task_user_can_reach(
+    jobs: Jobs, task_account: TaskUser
+) -> None:
+    # The package may live where the task user cannot look (a venv in a private home, a
+    # checkout in a 0700 folder); bwrap binds the launcher as that user, so it binds a copy.
+    runner = make_runner(jobs, task_account, WarmMode.ALWAYS)
+    assert runner.launcher != LAUNCHER and runner.launcher.read_bytes() == LAUNCHER.read_bytes()
+    assert runner.launcher.stat().st_mode & 0o777 == 0o644
+    assert runner.launcher.parent.stat().st_mode & 0o777 == 0o711
+    command = runner.warm_command(jobs.root, False, "/usr/bin/python3", 3, 4)
+    assert command[command.index(LAUNCHER_INSIDE) - 1] == str(runner.launcher)
+    runner.close()
+    assert not runner.launcher.exists()  # nothing left once the runner closes

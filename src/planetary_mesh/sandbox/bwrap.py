@@ -98,6 +98,14 @@ class BwrapRunner:
         )
         # Warm sandboxes rely on task cgroups to kill a task whole, and run a Python launcher.
         python = launcher_python() if self._reaper_pipe is not None else None
+        # bwrap binds the launcher after it has dropped to the task user, so the package's own
+        # copy may sit where that user cannot look (a venv in a private home): bind a copy that
+        # root owns and everyone may read instead.
+        self._launcher_dir = Path(tempfile.mkdtemp(prefix="planetary-mesh-launcher-"))
+        self._launcher_dir.chmod(0o711)
+        self.launcher = self._launcher_dir / LAUNCHER.name
+        shutil.copyfile(LAUNCHER, self.launcher)
+        self.launcher.chmod(0o644)
         self.warm = (
             None
             if python is None or cgroups is None or warm is WarmMode.OFF
@@ -115,6 +123,7 @@ class BwrapRunner:
     def close(self) -> None:
         if self.warm is not None:
             self.warm.close()
+        shutil.rmtree(self._launcher_dir, ignore_errors=True)
         if self.cgroups is not None:
             self.cgroups.close()
         if self._reaper_pipe is not None:
@@ -178,7 +187,7 @@ class BwrapRunner:
         holds its tasks' work directories at /work."""
         argv = [*self._bwrap(status_fd), *self._namespaces(network), "--as-pid-1"]
         argv += ["--bind", str(jobdir.resolve()), "/work", "--chdir", "/work"]
-        argv += ["--ro-bind", str(LAUNCHER), LAUNCHER_INSIDE]
+        argv += ["--ro-bind", str(self.launcher), LAUNCHER_INSIDE]
         argv += [*self._READ_ONLY, "--clearenv", "--", python, "-I", "-S"]
         return [*argv, LAUNCHER_INSIDE, str(control_fd)]
 

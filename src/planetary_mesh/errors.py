@@ -12,10 +12,22 @@ never shows a traceback for a ``MeshError``::
     │   └── CAMismatchError    the server's CA is not the one the token pins
     ├── StoreError             the durable store failed or holds something unexpected
     ├── SandboxError           a task could not be started in its sandbox
-    └── ClientError            talking to the coordinator failed
-        ├── CoordinatorUnreachable
-        ├── NotFound           unknown job, task or node (HTTP 404)
-        └── RequestRejected    the coordinator refused the request (other 4xx)
+    ├── ClientError            talking to the coordinator failed
+    │   ├── CoordinatorUnreachable
+    │   ├── NotFound           unknown job, task or node (HTTP 404)
+    │   └── RequestRejected    the coordinator refused the request (other 4xx)
+    ├── CallError              a Python function call on the mesh ended without a result
+    │   ├── CallOutOfMemory    its worker went over the call's memory limit
+    │   ├── CallTimedOut       it ran past the call's timeout
+    │   ├── CallCancelled      it was cancelled on the mesh (after it started)
+    │   ├── WorkerDied         its worker process died under it (a crash, os._exit, a signal)
+    │   ├── CallRefused        no worker could run it (Python version, sandbox)
+    │   └── ResultTooLarge     its result or arguments are over the size limit
+    └── RemoteError            the call raised an exception that cannot be rebuilt here
+
+A function that raises on the mesh re-raises *its own* exception in the caller (a remote
+``ZeroDivisionError`` is a ``ZeroDivisionError``, with the remote traceback); ``RemoteError``
+stands in only when that exception's class cannot be unpickled in the caller.
 """
 
 from __future__ import annotations
@@ -80,3 +92,54 @@ class RequestRejected(ClientError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class CallError(MeshError):
+    """A function call on the mesh ended without a result; the subclass says why.
+
+    ``job_id`` and ``index`` name the task (`mesh why JOB INDEX` tells its whole story);
+    ``reason`` is what the agent said.
+    """
+
+    def __init__(self, message: str, job_id: str = "", index: int = -1, reason: str = "") -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.index = index
+        self.reason = reason
+
+
+class CallOutOfMemory(CallError):
+    """The worker running the call went over the call's memory limit and was killed."""
+
+
+class CallTimedOut(CallError):
+    """The call ran past its timeout and its worker was killed."""
+
+
+class CallCancelled(CallError):
+    """The call was cancelled on the mesh after it started (`cancel_running`, `mesh cancel`)."""
+
+
+class WorkerDied(CallError):
+    """The Python worker running the call died: a crash, ``os._exit``, a signal."""
+
+
+class CallRefused(CallError):
+    """No worker could run the call: another Python version on the agent, or no sandbox."""
+
+
+class ResultTooLarge(CallError):
+    """The call's result (or its pickled arguments) is over the size the mesh carries."""
+
+
+class RemoteError(MeshError):
+    """The call raised an exception whose class cannot be rebuilt in the caller.
+
+    ``type_name`` is the remote exception's qualified class name and ``remote_traceback`` its
+    traceback as text.
+    """
+
+    def __init__(self, message: str, type_name: str, remote_traceback: str) -> None:
+        super().__init__(message)
+        self.type_name = type_name
+        self.remote_traceback = remote_traceback

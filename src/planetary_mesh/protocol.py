@@ -17,6 +17,17 @@ MAX_ARRAY = 100_000
 MAX_OUTPUT_BYTES = 16 * 1024 * 1024  # per task, all collected files together
 MAX_LOG_BYTES = 1024**3  # per attempt, the most output the coordinator stores, whatever agents do
 LOG_MARKER_ROOM = 1024  # past an agent's own log limit, for its "truncated" line
+MAX_CALL_BYTES = 8 * 1024 * 1024  # one function call: the pickled function and arguments
+MAX_RESULT_BYTES = 8 * 1024 * 1024  # one call's pickled result (or its error record)
+PYTHON_VERSION = r"^3\.[0-9]{1,2}$"
+
+
+def base64_size(size: int) -> int:
+    return 4 * ((size + 2) // 3)
+
+
+# A pickled call, base64: what a function task runs.
+Call = Annotated[str, Field(max_length=base64_size(MAX_CALL_BYTES))]
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9._+-]{1,255}$")
@@ -94,6 +105,56 @@ class JobSubmit(Strict):
     count: int = Field(default=1, ge=1, le=MAX_ARRAY)
     priority: int = Field(default=0, ge=-1000, le=1000)
     network: bool = False
+
+
+class FunctionSubmit(Strict):
+    """A job of Python function calls (an executor's): one task per call. More calls may be
+    added later (``POST /v1/jobs/{id}/calls``); each call is a cloudpickle of
+    ``("call", fn, args, kwargs)`` or ``("chunk", fn, [args, ...])``, base64."""
+
+    name: str = Field(default="functions", min_length=1, max_length=128)
+    python: str = Field(pattern=PYTHON_VERSION)  # major.minor the calls were pickled by
+    calls: list[Call] = Field(default_factory=list, max_length=MAX_ARRAY)
+    env: Annotated[
+        dict[str, Annotated[str, Field(max_length=65536)]], AfterValidator(_env_names)
+    ] = Field(default_factory=dict, max_length=256)
+    cpus: Finite = Field(default=1.0, gt=0, le=1024)
+    memory: int = Field(default=256 * 1024**2, ge=16 * 1024**2, le=1024**5)
+    timeout: Finite | None = Field(default=None, gt=0, le=30 * 86400)
+    retries: int = Field(default=0, ge=0, le=100)
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    network: bool = False
+
+
+class CallsAdd(Strict):
+    calls: list[Call] = Field(min_length=1, max_length=MAX_ARRAY)
+
+
+class CallsAdded(Strict):
+    first: int  # the task index of the first call added; the rest follow in order
+    count: int
+
+
+class CallUpdate(Strict):
+    """A call that started or ended."""
+
+    index: int
+    state: str  # running, succeeded, failed, cancelled
+    end: str | None  # how it ended, in the agent's word: exited, oom, timeout, cancelled, ...
+    exit_code: int | None  # 0: returned; 1: raised (the result is the error record)
+    reason: str | None
+    result: str | None  # base64 of the pickled result, or of the error record
+
+
+class CallUpdates(Strict):
+    cursor: int  # ask for changes after this one next
+    updates: list[CallUpdate]
+
+
+class TasksCancel(Strict):
+    indices: list[Annotated[int, Field(ge=0, lt=MAX_ARRAY * 1000)]] = Field(
+        min_length=1, max_length=MAX_ARRAY
+    )
 
 
 class TokenCreate(Strict):
@@ -234,6 +295,7 @@ class JobInfo(Strict):
     cancelled_by: str | None
     tasks: dict[str, int]  # "total" and one count per task state
     task_list: list[TaskInfo] | None = None  # only in the detail of one job
+    python: str | None = None  # a job of Python function calls: the caller's major.minor
 
 
 class DrainRequest(Strict):
@@ -349,6 +411,8 @@ class Ended(Strict):
     signal: int | None
     message: str = Field(max_length=4096)
     outputs: dict[str, str] = Field(default_factory=dict)  # relative path → base64
+    # A function call's pickled result (or error record), base64.
+    result: str | None = Field(default=None, max_length=base64_size(MAX_RESULT_BYTES))
 
 
 Event = Annotated[Started | Log | Ended, Field(discriminator="kind")]

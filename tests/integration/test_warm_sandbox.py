@@ -389,7 +389,7 @@ def test_the_launcher_bound_is_a_copy_the_task_user_can_reach(
     assert runner.launcher != LAUNCHER and runner.launcher.read_bytes() == LAUNCHER.read_bytes()
     assert runner.launcher.stat().st_mode & 0o777 == 0o644
     assert runner.launcher.parent.stat().st_mode & 0o777 == 0o711
-    command = runner.warm_command(jobs.root, False, "/usr/bin/python3", 3, 4)
+    command = runner.warm_command(jobs.root, False, (), "/usr/bin/python3", 3, 4)
     assert command[command.index(LAUNCHER_INSIDE) - 1] == str(runner.launcher)
     runner.close()
     assert not runner.launcher.exists()  # nothing left once the runner closes

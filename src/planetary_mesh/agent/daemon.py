@@ -28,8 +28,9 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from planetary_mesh import __version__
-from planetary_mesh.agent import probe
+from planetary_mesh.agent import probe, python_env
 from planetary_mesh.agent.admission import Admission
+from planetary_mesh.agent.functions import CallJob, FunctionCall, FunctionWorkers
 from planetary_mesh.agent.join import tls_name
 from planetary_mesh.config import AgentPaths, read_toml, write_toml
 from planetary_mesh.discovery import find_coordinator
@@ -63,6 +64,21 @@ class JobInfo:
     files: dict[str, bytes]
     cpus: float
     memory: int
+    python: str | None = None  # a job of Python function calls
+
+    def call_job(self, job_id: str) -> CallJob:
+        assert self.python is not None
+        return CallJob(
+            job_id, self.python, self.cpus, self.memory, self.timeout, self.network, self.env
+        )
+
+
+REPORT_BYTES = 24 * 1024 * 1024  # about as much as one report carries (the limit is 64 MiB)
+
+
+def _event_bytes(event: dict[str, Any]) -> int:
+    size = len(event.get("data") or "") + len(event.get("result") or "")
+    return size + sum(len(data) for data in event.get("outputs", {}).values())
 
 
 @dataclass
@@ -102,14 +118,24 @@ class Outbox:
             self.pending.append(_log_event(ref, offset, bytes(data)))
 
     def take(self) -> tuple[int, list[dict[str, Any]]] | None:
+        """The next report: what is pending, up to about REPORT_BYTES (results and output
+        can be large; what does not fit goes in the next one, at once)."""
         for ref in list(self.logs):
             self.flush_logs_of(ref)
         self.ready.clear()
         if not self.pending:
             return None
+        count, size = 0, 0
+        for event in self.pending:
+            size += _event_bytes(event)
+            if count and size > REPORT_BYTES:
+                break
+            count += 1
         self.seq += 1
-        report = (self.seq, self.pending)
-        self.pending = []
+        report = (self.seq, self.pending[:count])
+        self.pending = self.pending[count:]
+        if self.pending:
+            self.ready.set()
         self.unacked.append(report)
         return report
 
@@ -173,6 +199,10 @@ class Agent:
         self.work_root = Path(tempfile.mkdtemp(prefix="planetary-mesh-work-"))
         self.work_root.chmod(0o711)
         self.runner = runner
+        self.functions = FunctionWorkers(
+            runner, python_env.prepare(runner.sandboxed, runner.user), self.work_root, task_disk
+        )
+        self.calls: dict[int, bytes] = {}  # pickled calls of assigned function tasks, by task
         self.name = name
         self.cpus = cpus
         self.memory = memory
@@ -234,6 +264,7 @@ class Agent:
             if looking is not None:
                 looking.cancel()
             await self._kill_all("the agent is stopping")
+            await self.functions.close()
             self.runner.close()
             shutil.rmtree(self.work_root, ignore_errors=True)
 
@@ -435,7 +466,10 @@ class Agent:
                     files={n: base64.b64decode(d) for n, d in spec["files"].items()},
                     cpus=float(spec["cpus"]),
                     memory=int(spec["memory"]),
+                    python=spec.get("python"),
                 )
+            for task_id, call in message.get("calls", {}).items():
+                self.calls[int(task_id)] = base64.b64decode(call)
             for task_id, attempt, epoch, job_id, index in message["tasks"]:
                 ref = (task_id, attempt, epoch)
                 if ref not in self.running:
@@ -494,9 +528,12 @@ class Agent:
             # Cancelled while queued: it never ran, and says so.
             self.outbox.add(_never_started(ref, self.cancelled.pop(ref, "cancelled")))
             self.running.pop(ref, None)
+            self.calls.pop(ref[0], None)
             return
         try:
-            outcome = await self._start_and_wait(ref, job_id, index, job, workdir, on_output)
+            outcome, result = await self._start_and_wait(
+                ref, job_id, index, job, workdir, on_output
+            )
         finally:
             self.admission.leave(job.cpus, job.memory)
         outputs, note = collect_outputs(workdir, job.outputs)
@@ -512,6 +549,7 @@ class Agent:
                 "signal": outcome.signal,
                 "message": outcome.message,
                 "outputs": {n: base64.b64encode(d).decode() for n, d in outputs.items()},
+                "result": None if result is None else base64.b64encode(result).decode(),
             }
         )
         self.running.pop(ref, None)
@@ -525,8 +563,16 @@ class Agent:
         job: JobInfo,
         workdir: Path,
         on_output: Callable[[bytes], None],
-    ) -> TaskOutcome:
+    ) -> tuple[TaskOutcome, bytes | None]:
+        """Run the task to its end: its outcome and, for a function call, its result."""
+        running: RunningTask | FunctionCall
         try:
+            if job.python is not None:
+                payload = self.calls.pop(ref[0], None)
+                if payload is None:
+                    raise MeshError("its call did not arrive with it; it will be sent again")
+                running = await self.functions.start(job.call_job(job_id), payload, on_output)
+                return await self._watch(ref, running), running.result
             # The task user may pass through (not list) the folder above its own directory.
             workdir.parent.mkdir(mode=0o711, exist_ok=True)
             workdir.mkdir(mode=0o700, exist_ok=True)
@@ -551,13 +597,7 @@ class Agent:
                 share_size=job.count,
             )
             running = await self.runner.start(launch, on_output)
-            self.running[ref] = running
-            if ref in self.cancelled:
-                running.cancel(self.cancelled.pop(ref))
-            # A start may wait a little: a short task's end then travels with it, and the
-            # coordinator commits both at once (one fsync per task instead of two).
-            self.outbox.add({"kind": "started", "task": list(ref)}, linger=STARTED_LINGER_S)
-            outcome = await running.wait()
+            return await self._watch(ref, running), None
         except (MeshError, OSError) as exc:
             outcome = TaskOutcome(
                 reason=EndReason.SANDBOX_ERROR,
@@ -565,7 +605,17 @@ class Agent:
                 signal=None,
                 message=f"could not start: {exc}",
             )
-        return outcome
+        return outcome, None
+
+    async def _watch(self, ref: TaskRef, running: RunningTask) -> TaskOutcome:
+        """Say the task started and wait for its end; a cancel that came early applies now."""
+        self.running[ref] = running
+        if ref in self.cancelled:
+            running.cancel(self.cancelled.pop(ref))
+        # A start may wait a little: a short task's end then travels with it, and the
+        # coordinator commits both at once (one fsync per task instead of two).
+        self.outbox.add({"kind": "started", "task": list(ref)}, linger=STARTED_LINGER_S)
+        return await running.wait()
 
     async def _kill_all(self, why: str) -> None:
         tasks = [t for t in self.running.values() if t is not None]

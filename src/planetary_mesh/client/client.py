@@ -31,7 +31,10 @@ from planetary_mesh.errors import (
 from planetary_mesh.pki import certs, tls
 from planetary_mesh.protocol import (
     AttemptInfo,
+    CallsAdded,
+    CallUpdates,
     EventInfo,
+    FunctionSubmit,
     JobInfo,
     JobSubmit,
     LogChunk,
@@ -263,6 +266,31 @@ class Client:
 
     def nodes(self) -> list[NodeInfo]:
         return self._models(NodeInfo, "GET", "/v1/nodes")
+
+    def cancel_tasks(self, job_id: str, indices: list[int]) -> JobInfo:
+        """Cancel some tasks of a job: queued ones never run, running ones are killed."""
+        path = f"/v1/jobs/{_segment(job_id)}/tasks/cancel"
+        return self._model(JobInfo, "POST", path, json={"indices": indices})
+
+    # -- Python function calls (MeshExecutor builds on these) --------------------------------
+
+    def submit_functions(self, job: FunctionSubmit) -> JobInfo:
+        return self._model(JobInfo, "POST", "/v1/functions", json=job.model_dump())
+
+    def add_calls(self, job_id: str, calls: list[str]) -> CallsAdded:
+        """More calls (base64 pickles) for a function job; their indices follow ``first``."""
+        path = f"/v1/jobs/{_segment(job_id)}/calls"
+        return self._model(CallsAdded, "POST", path, json={"calls": calls})
+
+    def call_updates(
+        self, job_id: str, after: int = 0, wait: float = 0.0, limit: int = 1000
+    ) -> CallUpdates:
+        """Calls of the job that started or ended since cursor ``after``; waits up to ``wait``
+        seconds for one if there is none yet."""
+        return self._model(
+            CallUpdates, "GET", f"/v1/jobs/{_segment(job_id)}/calls",
+            params={"after": after, "wait": wait, "limit": limit}, timeout=wait + 30,
+        )  # fmt: skip
 
     def drain(self, node_id: str, deadline: float | None = None) -> NodeInfo:
         return self._model(

@@ -46,8 +46,13 @@ from planetary_mesh.protocol import (
     MAX_REQUEST_BYTES,
     AgentMessage,
     AttemptInfo,
+    CallsAdd,
+    CallsAdded,
+    CallUpdate,
+    CallUpdates,
     DrainRequest,
     EventInfo,
+    FunctionSubmit,
     Heartbeat,
     Hello,
     JobInfo,
@@ -63,6 +68,7 @@ from planetary_mesh.protocol import (
     RenewRequest,
     RenewResponse,
     Report,
+    TasksCancel,
     TokenCreate,
     TokenInfo,
     UserCreate,
@@ -74,6 +80,7 @@ from planetary_mesh.protocol import (
 log = logging.getLogger(__name__)
 _agent_messages: TypeAdapter[Hello | Report | Heartbeat] = TypeAdapter(AgentMessage)
 _OPEN_PATHS = ("/healthz", "/v1/join", "/login")
+CALL_UPDATE_BYTES = 24 * 1024 * 1024  # of results in one answer (at least one goes)
 
 
 def create_app(service: CoordinatorService) -> FastAPI:
@@ -215,6 +222,61 @@ def create_app(service: CoordinatorService) -> FastAPI:
     @app.post("/v1/jobs/{job_id}/cancel")
     async def cancel(job_id: str, who: User) -> JobInfo:
         return views.job_info(service.cancel(job_id, who.name, who.admin))
+
+    @app.post("/v1/jobs/{job_id}/tasks/cancel")
+    async def cancel_tasks(job_id: str, body: TasksCancel, who: User) -> JobInfo:
+        """Cancel some of a job's tasks: queued ones never run, running ones are killed."""
+        service.cancel_tasks(job_id, body.indices, who.name, who.admin)
+        return views.job_info(service.job(job_id))
+
+    @app.post("/v1/functions", status_code=201)
+    async def submit_function(body: FunctionSubmit, who: User) -> JobInfo:
+        """A job of Python function calls (what MeshExecutor submits)."""
+        return views.job_info(service.submit_function(who.name, body))
+
+    @app.post("/v1/jobs/{job_id}/calls", status_code=201)
+    async def add_calls(job_id: str, body: CallsAdd, who: User) -> CallsAdded:
+        first, count = service.add_calls(job_id, body, who.name)
+        return CallsAdded(first=first, count=count)
+
+    @app.get("/v1/jobs/{job_id}/calls")
+    async def call_updates(
+        job_id: str,
+        _: User,
+        after: Annotated[int, Query(ge=0, le=2**62)] = 0,
+        wait: Annotated[float, Query(ge=0, le=300)] = 0.0,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    ) -> CallUpdates:
+        """The job's tasks that started or ended since cursor ``after``, with the results of
+        those that ended; a long poll of up to ``wait`` seconds while there are none."""
+        seq = service.store.job_seq(job_id)
+        if seq is None:
+            service.job(job_id)  # raises NotFound, in words
+        assert seq is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            seen = service.changes.version
+            records = service.store.call_updates(seq, after, limit, CALL_UPDATE_BYTES)
+            left = deadline - loop.time()
+            if records or left <= 0:
+                return CallUpdates(
+                    cursor=records[-1].changed if records else after,
+                    updates=[
+                        CallUpdate(
+                            index=r.index,
+                            state=r.state.value,
+                            end=r.end_kind,
+                            exit_code=r.exit_code,
+                            reason=r.reason,
+                            result=None
+                            if r.result is None
+                            else base64.b64encode(r.result).decode(),
+                        )
+                        for r in records
+                    ],
+                )
+            await service.changes.wait(seen, left)
 
     @app.get("/v1/jobs/{job_id}/tasks/{index}/logs")
     async def logs(

@@ -39,7 +39,10 @@ from planetary_mesh.protocol import (
     LOG_MARKER_ROOM,
     MAX_LOG_BYTES,
     MAX_OUTPUT_BYTES,
+    MAX_RESULT_BYTES,
+    CallsAdd,
     Ended,
+    FunctionSubmit,
     Hello,
     JobSubmit,
     JoinRequest,
@@ -55,6 +58,9 @@ from planetary_mesh.protocol import (
 from planetary_mesh.store.sqlite import SQLiteStore
 
 log = logging.getLogger(__name__)
+
+ASSIGN_MESSAGE_BYTES = 16 * 1024 * 1024  # of calls in one message to an agent (its limit: 64)
+MAX_TASKS_PER_JOB = 10_000_000  # an executor's calls over its life
 
 # Ends that are the task's own doing count against its retries; the rest requeue it for free.
 _COUNTS_AGAINST_RETRIES = {
@@ -202,10 +208,32 @@ class CoordinatorService:
             outputs=tuple(body.outputs),
             network=body.network,
         )
+        return self._add_job(owner, spec, files, ())
+
+    def submit_function(self, owner: str, body: FunctionSubmit) -> Job:
+        """A job of Python function calls: one task per call, more may be added later."""
+        spec = JobSpec(
+            name=body.name,
+            argv=(),
+            env=dict(body.env),
+            cpus=body.cpus,
+            memory=body.memory,
+            timeout=body.timeout,
+            retries=body.retries,
+            count=len(body.calls),
+            priority=body.priority,
+            network=body.network,
+            python=body.python,
+        )
+        return self._add_job(owner, spec, {}, _decode_calls(body.calls))
+
+    def _add_job(
+        self, owner: str, spec: JobSpec, files: dict[str, bytes], calls: list[bytes] | tuple[()]
+    ) -> Job:
         job_id = secrets.token_hex(5)
         now = self.clock()
         with self.metrics.store_writes.time(), self.store.transaction():
-            self.store.add_job(job_id, owner, spec, files, now)
+            self.store.add_job(job_id, owner, spec, files, now, calls)
             tasks = "1 task" if spec.count == 1 else f"{spec.count} tasks"
             message = f"job {job_id} ({spec.name}, {tasks}) submitted by {owner}"
             self.store.add_event("job_submitted", message, now, job_id=job_id)
@@ -215,6 +243,52 @@ class CoordinatorService:
         if len(assigned) >= SCHEDULE_BATCH:
             self.kick()  # more of the queue may fit: the loop goes on
         return self.job(job_id)
+
+    def add_calls(self, job_id: str, body: CallsAdd, by: str) -> tuple[int, int]:
+        """More calls for a function job (its owner's); the first new index and the count."""
+        job = self.job(job_id)
+        if job.owner != by:
+            raise RequestRejected(f"only the job's owner ({job.owner}) may add calls to it", 403)
+        if job.spec.python is None:
+            raise RequestRejected(
+                f"job {job_id} runs a command, not Python calls: submit a new job instead", 409
+            )
+        if job.cancelled_by is not None:
+            raise RequestRejected(
+                f"job {job_id} was cancelled by {job.cancelled_by}: it takes no more calls;"
+                " use a new executor",
+                409,
+            )
+        if job.spec.count + len(body.calls) > MAX_TASKS_PER_JOB:
+            raise RequestRejected(
+                f"job {job_id} would have more than {MAX_TASKS_PER_JOB} calls: use a new"
+                " executor for more",
+                413,
+            )
+        calls = _decode_calls(body.calls)
+        with self.metrics.store_writes.time(), self.store.transaction():
+            first = self.store.append_calls(job_id, calls, job.spec.priority)
+            assigned = self._place_safely()
+        self._dispatch(assigned)
+        if len(assigned) >= SCHEDULE_BATCH:
+            self.kick()
+        return first, len(calls)
+
+    def cancel_tasks(self, job_id: str, indices: list[int], by: str, admin: bool) -> None:
+        """Cancel some tasks of a job (its owner, or an admin): queued ones never run, running
+        ones are killed. Tasks that already ended keep their end."""
+        job = self.job(job_id)
+        if not admin and job.owner != by:
+            raise RequestRejected(
+                f"only the job's owner ({job.owner}) or an admin may cancel its tasks", 403
+            )
+        killed = self.store.cancel_tasks(job_id, indices, by, self.clock())
+        for node_id, assignment in killed:
+            session = self.sessions.get(node_id)
+            if session:
+                session.send(_cancel_message([assignment], f"cancelled by {by}"))
+        if killed:
+            self.kick()
 
     def job(self, job_id: str) -> Job:
         job = self.store.job(job_id)
@@ -642,6 +716,9 @@ class CoordinatorService:
         outputs = {name: base64.b64decode(data) for name, data in event.outputs.items()}
         if sum(len(data) for data in outputs.values()) > MAX_OUTPUT_BYTES:
             outputs = {}
+        result = None if event.result is None else base64.b64decode(event.result)
+        if result is not None and len(result) > MAX_RESULT_BYTES:
+            result = None
         succeeded = event.end == "exited" and event.exit_code == 0
         state = self.store.record_ended(
             task_id,
@@ -657,6 +734,8 @@ class CoordinatorService:
             backoff_base=self.retry_backoff[0],
             backoff_cap=self.retry_backoff[1],
             killed=event.end == "cancelled",
+            end_kind=event.end,
+            result=result,
         )
         started = self.store.attempt_started_at(task_id, attempt)
         if state is not None and started is not None:
@@ -743,13 +822,21 @@ class CoordinatorService:
                 "files": {n: base64.b64encode(d).decode() for n, d in files.items()},
             }
             session.known_jobs.add(job_id)
-        session.send(
-            {
-                "type": "assign",
-                "jobs": jobs,
-                "tasks": [[a.task_id, a.attempt, a.epoch, a.job_id, a.index] for a in assignments],
-            }
-        )
+            if spec.python is not None:
+                session.function_jobs.add(job_id)
+        calls = [a.task_id for a in assignments if a.job_id in session.function_jobs]
+        payloads = self.store.call_payloads(calls) if calls else {}
+        # Calls travel with their tasks, in messages of a bounded size (the agent's limit).
+        batch: list[Assignment] = []
+        size = 0
+        for assignment in assignments:
+            payload = len(payloads.get(assignment.task_id, b""))
+            if batch and size + payload > ASSIGN_MESSAGE_BYTES:
+                session.send(_assign_message(jobs, batch, payloads))
+                jobs, batch, size = {}, [], 0
+            batch.append(assignment)
+            size += payload
+        session.send(_assign_message(jobs, batch, payloads))
 
     def check_peer_is_node(self, identity: certs.Identity) -> str:
         if identity.kind is not certs.PeerKind.NODE:
@@ -758,6 +845,28 @@ class CoordinatorService:
         if not self.store.node_known(identity.name):
             raise TrustError(f"node {identity.name} is not a member of this mesh")
         return identity.name
+
+
+def _assign_message(
+    jobs: dict[str, Any], assignments: list[Assignment], payloads: dict[int, bytes]
+) -> dict[str, Any]:
+    return {
+        "type": "assign",
+        "jobs": jobs,
+        "tasks": [[a.task_id, a.attempt, a.epoch, a.job_id, a.index] for a in assignments],
+        "calls": {
+            str(a.task_id): base64.b64encode(payloads[a.task_id]).decode()
+            for a in assignments
+            if a.task_id in payloads
+        },
+    }
+
+
+def _decode_calls(calls: list[str]) -> list[bytes]:
+    try:
+        return [base64.b64decode(call, validate=True) for call in calls]
+    except ValueError as exc:
+        raise RequestRejected(f"a call is not valid base64: {exc}", 422) from exc
 
 
 def _cancel_message(assignments: list[Assignment], reason: str) -> dict[str, Any]:

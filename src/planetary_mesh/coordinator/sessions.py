@@ -16,6 +16,7 @@ class AgentSession:
     # Jobs whose spec and input files this session has already been sent: an array's tasks
     # share them, so they travel once per session instead of once per task.
     known_jobs: set[str] = field(default_factory=set)
+    function_jobs: set[str] = field(default_factory=set)  # of those, jobs of Python calls
     closed: bool = False
 
     def send(self, message: dict[str, Any]) -> None:

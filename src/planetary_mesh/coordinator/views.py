@@ -62,6 +62,7 @@ def job_info(
         outputs=list(job.spec.outputs),
         cancelled_by=job.cancelled_by,
         tasks={"total": job.spec.count, **counts},
+        python=job.spec.python,
         task_list=None
         if tasks is None
         else [task_info(t, (history or {}).get(t.index, [])) for t in tasks],

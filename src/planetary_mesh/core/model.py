@@ -25,6 +25,7 @@ class JobSpec:
     priority: int = 0
     outputs: tuple[str, ...] = ()
     network: bool = False
+    python: str | None = None  # a job of Python function calls: the major.minor they need
 
 
 @dataclass(frozen=True)

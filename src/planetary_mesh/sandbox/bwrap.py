@@ -175,19 +175,27 @@ class BwrapRunner:
         inside = launch.sandbox_workdir
         argv = [*self._bwrap(status_fd), *self._namespaces(launch.network)]
         argv += ["--bind", str(launch.workdir.resolve()), inside, "--chdir", inside]
+        argv += _read_only_binds(launch.ro_binds)
         argv += [*self._READ_ONLY, "--clearenv"]
         for name, value in launch.environment(inside).items():
             argv += ["--setenv", name, value]
         return [*argv, "--", *launch.argv]
 
     def warm_command(
-        self, jobdir: Path, network: bool, python: str, control_fd: int, status_fd: int
+        self,
+        jobdir: Path,
+        network: bool,
+        ro_binds: tuple[str, ...],
+        python: str,
+        control_fd: int,
+        status_fd: int,
     ) -> list[str]:
         """The bwrap command line of a warm sandbox: its launcher as PID 1, and the folder that
         holds its tasks' work directories at /work."""
         argv = [*self._bwrap(status_fd), *self._namespaces(network), "--as-pid-1"]
         argv += ["--bind", str(jobdir.resolve()), "/work", "--chdir", "/work"]
         argv += ["--ro-bind", str(self.launcher), LAUNCHER_INSIDE]
+        argv += _read_only_binds(ro_binds)
         argv += [*self._READ_ONLY, "--clearenv", "--", python, "-I", "-S"]
         return [*argv, LAUNCHER_INSIDE, str(control_fd)]
 
@@ -265,6 +273,13 @@ class _BwrapTask(ProcessTask):
         close_fd(self._init_pidfd)
         close_fd(self._bwrap_pidfd)
         self._init_pidfd = self._bwrap_pidfd = None
+
+
+def _read_only_binds(paths: tuple[str, ...]) -> list[str]:
+    argv = []
+    for path in paths:
+        argv += ["--ro-bind", path, path]
+    return argv
 
 
 def bwrap_problem(executable: str, user: TaskUser | None = None) -> str | None:

@@ -33,6 +33,7 @@ from planetary_mesh.sandbox.runner import (
     RunningTask,
     TaskLaunch,
 )
+from planetary_mesh.sandbox.user import TaskUser
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class PlainRunner:
 
     name = "none"
     sandboxed = False
+    user: TaskUser | None = None  # tasks run as the agent's own user
 
     def describe(self) -> str:
         return "none (UNSANDBOXED: --no-sandbox)"

@@ -33,6 +33,7 @@ from typing import Protocol
 
 from planetary_mesh.errors import SandboxError
 from planetary_mesh.sandbox.limits import Limits
+from planetary_mesh.sandbox.user import TaskUser
 from planetary_mesh.units import format_size
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,9 @@ class TaskLaunch:
     # directories must then share a parent, which the warm sandbox shows at /work.
     share: str | None = None
     share_size: int = 1  # how many tasks the key has in all: whether a warm sandbox pays
+    # Host folders a sandbox shows read only at the same path (a Python worker's code and the
+    # agent's site-packages); a runner without a sandbox shows everything anyway.
+    ro_binds: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -197,6 +201,7 @@ class RunningTask(Protocol):
 class Runner(Protocol):
     name: str  # "bwrap" or "none", as the agent reports it
     sandboxed: bool
+    user: TaskUser | None  # whom tasks run as, if not the agent's own user
 
     def describe(self) -> str:
         """What this runner enforces, in a line for `mesh nodes`."""

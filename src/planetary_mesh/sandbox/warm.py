@@ -404,7 +404,7 @@ class WarmPool:
         self,
         mode: WarmMode,
         python: str,
-        command: Callable[[Path, bool, str, int, int], list[str]],
+        command: Callable[[Path, bool, tuple[str, ...], str, int, int], list[str]],
         cgroups: CgroupBackend,
         executable: str,
         idle_s: float = WARM_IDLE_S,
@@ -419,7 +419,7 @@ class WarmPool:
         self._executable = executable
         self._idle_s = idle_s
         self._size = size
-        self._sandboxes: dict[tuple[str, bool, Path], WarmSandbox] = {}
+        self._sandboxes: dict[tuple[str, bool, Path, tuple[str, ...]], WarmSandbox] = {}
         self._starting: set[asyncio.Task[None]] = set()
 
     def sandboxes(self) -> list[WarmSandbox]:
@@ -434,14 +434,16 @@ class WarmPool:
         if self.mode is WarmMode.AUTO and launch.share_size < 2:
             return None
         jobdir = launch.workdir.parent
-        key = (launch.share, launch.network, jobdir)
+        key = (launch.share, launch.network, jobdir, launch.ro_binds)
         sandbox = self._sandboxes.get(key)
         if sandbox is None:
             self._make_room()
         if sandbox is None and len(self._sandboxes) < self._size:
             sandbox = WarmSandbox(
                 jobdir,
-                functools.partial(self._command, jobdir, launch.network, self.python),
+                functools.partial(
+                    self._command, jobdir, launch.network, launch.ro_binds, self.python
+                ),
                 self._cgroups,
                 self._executable,
                 self._idle_s,

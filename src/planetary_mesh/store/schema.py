@@ -173,4 +173,18 @@ MIGRATIONS: list[list[str]] = [
         # The earliest retry backoff to wake the scheduler for, without a scan.
         "CREATE INDEX tasks_retry ON tasks (state, not_before)",
     ],
+    [
+        # Python function calls: each task of a function job carries one pickled call, and
+        # keeps its pickled result (or error record) and how it ended, for the caller.
+        """CREATE TABLE calls (
+            task_id INTEGER PRIMARY KEY REFERENCES tasks(id),
+            payload BLOB NOT NULL,
+            result BLOB,
+            end_kind TEXT
+        )""",
+        # A per-store sequence stamped on a task when it starts or ends: a caller follows its
+        # job's calls from a cursor, without reading every task each time.
+        "ALTER TABLE tasks ADD COLUMN changed INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX tasks_changed ON tasks (job_seq, changed)",
+    ],
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,11 +33,12 @@ from planetary_mesh.core.states import (
     next_task_state,
 )
 from planetary_mesh.errors import StoreError
+from planetary_mesh.store.calls import CallRecords
 from planetary_mesh.store.reads import ACTIVE, StoreReads
 from planetary_mesh.store.schema import MIGRATIONS
 
 
-class SQLiteStore(StoreReads):
+class SQLiteStore(CallRecords, StoreReads):
     """Transitions here, each in one transaction; the read-only queries in reads.py."""
 
     def __init__(self, path: Path) -> None:
@@ -52,6 +53,7 @@ class SQLiteStore(StoreReads):
         self._depth = 0  # nesting of _tx: only the outermost commits
         self.on_commit: Callable[[], None] | None = None  # told after each committed change
         self._migrate()
+        self._load_stamp()
 
     def close(self) -> None:
         self._db.close()
@@ -349,8 +351,15 @@ class SQLiteStore(StoreReads):
     # -- jobs -------------------------------------------------------------------------------
 
     def add_job(
-        self, job_id: str, owner: str, spec: JobSpec, files: dict[str, bytes], now: float
+        self,
+        job_id: str,
+        owner: str,
+        spec: JobSpec,
+        files: dict[str, bytes],
+        now: float,
+        calls: Sequence[bytes] = (),
     ) -> None:
+        """A new job and its tasks; a function job's ``calls`` (one per task) with them."""
         spec_json = json.dumps(asdict(spec))
         with self._tx() as db:
             cursor = db.execute(
@@ -369,6 +378,7 @@ class SQLiteStore(StoreReads):
                 ),
             )
             seq = cursor.lastrowid
+            assert seq is not None
             db.executemany(
                 "INSERT INTO job_files (job_id, name, data) VALUES (?, ?, ?)",
                 ((job_id, name, data) for name, data in files.items()),
@@ -377,41 +387,73 @@ class SQLiteStore(StoreReads):
                 "INSERT INTO tasks (job_seq, idx, state, priority) VALUES (?, ?, ?, ?)",
                 ((seq, i, TaskState.PENDING.value, spec.priority) for i in range(spec.count)),
             )
+            self.insert_calls(db, seq, 0, calls)
 
     def cancel_job(self, job_id: str, by: str, now: float) -> list[tuple[str, Assignment]]:
         """Cancel every task not yet ended; the attempts that agents must now kill."""
-        reason = f"cancelled by {by}"
         with self._tx() as db:
             row = db.execute("SELECT seq FROM jobs WHERE id=?", (job_id,)).fetchone()
             if row is None:
                 raise StoreError(f"job {job_id} is not in the store")
-            seq = row[0]
             db.execute(
-                "UPDATE jobs SET cancelled_by=COALESCE(cancelled_by, ?) WHERE seq=?", (by, seq)
+                "UPDATE jobs SET cancelled_by=COALESCE(cancelled_by, ?) WHERE seq=?", (by, row[0])
             )
-            active = [
-                (
-                    r[4],
-                    Assignment(task_id=r[0], job_id=job_id, index=r[1], attempt=r[2], epoch=r[3]),
-                )
-                for r in db.execute(
-                    "SELECT id, idx, attempt, epoch, node_id FROM tasks"
-                    " WHERE job_seq=? AND state IN (?, ?)",
-                    (seq, *ACTIVE),
-                )
-            ]
-            db.executemany(
-                "UPDATE attempts SET state=?, ended_at=?, reason=? WHERE task_id=? AND attempt=?",
-                (
-                    (AttemptState.CANCELLED.value, now, reason, a.task_id, a.attempt)
-                    for _, a in active
-                ),
-            )
-            db.execute(
-                "UPDATE tasks SET state=?, reason=?, ended_at=? WHERE job_seq=?"
-                " AND state IN (?, ?, ?)",
-                (TaskState.CANCELLED.value, reason, now, seq, TaskState.PENDING.value, *ACTIVE),
-            )
+            return self._cancel_tasks(db, row[0], job_id, None, f"cancelled by {by}", now)
+
+    def cancel_tasks(
+        self, job_id: str, indices: Sequence[int], by: str, now: float
+    ) -> list[tuple[str, Assignment]]:
+        """Cancel some of a job's tasks (those not yet ended); the attempts to kill."""
+        with self._tx() as db:
+            row = db.execute("SELECT seq FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"job {job_id} is not in the store")
+            return self._cancel_tasks(db, row[0], job_id, indices, f"cancelled by {by}", now)
+
+    def _cancel_tasks(
+        self,
+        db: sqlite3.Connection,
+        seq: int,
+        job_id: str,
+        indices: Sequence[int] | None,
+        reason: str,
+        now: float,
+    ) -> list[tuple[str, Assignment]]:
+        """Cancel the job's tasks at ``indices`` (all when None) that have not ended."""
+        states = (TaskState.PENDING.value, *ACTIVE)
+        if indices is None:
+            rows = db.execute(
+                "SELECT id, idx, attempt, epoch, node_id, state FROM tasks"
+                " WHERE job_seq=? AND state IN (?, ?, ?) ORDER BY idx",
+                (seq, *states),
+            ).fetchall()
+        else:
+            rows = []
+            for start in range(0, len(indices), 500):
+                chunk = list(indices[start : start + 500])
+                marks = ",".join("?" * len(chunk))
+                rows += db.execute(
+                    "SELECT id, idx, attempt, epoch, node_id, state FROM tasks"
+                    f" WHERE job_seq=? AND state IN (?, ?, ?) AND idx IN ({marks})",
+                    (seq, *states, *chunk),
+                ).fetchall()
+        active = [
+            (node_id, Assignment(task_id, job_id, index, attempt, epoch))
+            for task_id, index, attempt, epoch, node_id, state in rows
+            if state in ACTIVE
+        ]
+        db.executemany(
+            "UPDATE attempts SET state=?, ended_at=?, reason=? WHERE task_id=? AND attempt=?",
+            ((AttemptState.CANCELLED.value, now, reason, a.task_id, a.attempt) for _, a in active),
+        )
+        first = self.stamp(len(rows))
+        db.executemany(
+            "UPDATE tasks SET state=?, reason=?, ended_at=?, changed=? WHERE id=?",
+            (
+                (TaskState.CANCELLED.value, reason, now, first + n, row[0])
+                for n, row in enumerate(rows)
+            ),
+        )
         return active
 
     # -- scheduling -------------------------------------------------------------------------
@@ -527,8 +569,13 @@ class SQLiteStore(StoreReads):
             if current is None or current.state is not TaskState.ASSIGNED:
                 return False
             db.execute(
-                "UPDATE tasks SET state=?, started_at=? WHERE id=?",
-                (next_task_state(current.state, TaskEvent.START).value, now, task_id),
+                "UPDATE tasks SET state=?, started_at=?, changed=? WHERE id=?",
+                (
+                    next_task_state(current.state, TaskEvent.START).value,
+                    now,
+                    self.stamp(),
+                    task_id,
+                ),
             )
             db.execute(
                 "UPDATE attempts SET state=?, started_at=? WHERE task_id=? AND attempt=?",
@@ -564,11 +611,14 @@ class SQLiteStore(StoreReads):
         backoff_base: float = 0.0,
         backoff_cap: float = 0.0,
         killed: bool = False,
+        end_kind: str = "",
+        result: bytes | None = None,
     ) -> TaskState | None:
         """Commit the end of an attempt; the task's new state, or None if the report is stale.
 
         A stale report (its attempt was superseded) changes nothing but is kept on the attempt
         it belongs to, so `mesh status` can show that a late result arrived and was refused.
+        A function call's ``result`` is kept only from the attempt that ends the task.
         """
         with self._tx() as db:
             current = self._current(db, task_id, attempt, epoch, node_id)
@@ -615,9 +665,10 @@ class SQLiteStore(StoreReads):
             else:
                 db.execute(
                     "UPDATE tasks SET state=?, failures=?, exit_code=?, reason=?, ended_at=?,"
-                    " started_at=COALESCE(started_at, ?) WHERE id=?",
-                    (new_state.value, failures, exit_code, reason, now, now, task_id),
+                    " started_at=COALESCE(started_at, ?), changed=? WHERE id=?",
+                    (new_state.value, failures, exit_code, reason, now, now, self.stamp(), task_id),
                 )
+                self.record_call_end(db, task_id, end_kind, result)
             db.executemany(
                 "INSERT OR REPLACE INTO outputs (task_id, name, data) VALUES (?, ?, ?)",
                 ((task_id, name, data) for name, data in outputs.items()),

@@ -110,7 +110,7 @@ class JobSubmit(Strict):
 class FunctionSubmit(Strict):
     """A job of Python function calls (an executor's): one task per call. More calls may be
     added later (``POST /v1/jobs/{id}/calls``); each call is a cloudpickle of
-    ``("call", fn, args, kwargs)`` or ``("chunk", fn, [args, ...])``, base64."""
+    ``("call", fn, args, kwargs)`` or ``("batch", [(fn, args, kwargs), ...])``, base64."""
 
     name: str = Field(default="functions", min_length=1, max_length=128)
     python: str = Field(pattern=PYTHON_VERSION)  # major.minor the calls were pickled by

@@ -95,6 +95,7 @@ class _Engine:
         self.jobs: dict[CallOptions, _Job] = {}
         self.where: dict[Future[Any], tuple[_Job, int]] = {}
         self.shutting_down = False
+        self.closed = False
         self.sender = threading.Thread(target=self._send_loop, name="mesh-sender", daemon=True)
         self.sender.start()
 
@@ -218,7 +219,9 @@ class _Engine:
                     return
             try:
                 updates = self.client.call_updates(job.id, job.cursor, wait=FOLLOW_WAIT_S)
-            except MeshError as error:
+            except Exception as error:  # whatever it is, the futures must not be left hanging
+                if self.closed:
+                    return
                 log.warning("lost track of job %s for a moment (%s); asking again", job.id, error)
                 with self.lock:  # a pause before the next try, cut short by a shutdown
                     self.lock.wait(1.0)
@@ -230,26 +233,23 @@ class _Engine:
     def _resolve(self, job: _Job, update: CallUpdate) -> None:
         with self.lock:
             future = job.futures.get(update.index)
-        if future is None or future.done():
+        if future is None:
             return
         if update.state == "running":
-            if not future.running():  # a call run again after its node was lost starts twice
+            if not future.done() and not future.running():  # a call run again starts twice
                 future.set_running_or_notify_cancel()
             return
         if update.state not in ("succeeded", "failed", "cancelled"):
             return
-        assert job.id is not None
-        result, error = pickling.outcome(update, job.id)
-        with self.lock:
+        with self.lock:  # ended: forgotten, whether or not anyone still waits for it
             job.futures.pop(update.index, None)
             self.where.pop(future, None)
             self.lock.notify_all()
-        if future.cancelled():
+        if future.done():  # cancelled here before it ended there
             return
-        if error is None:
-            _settle(future, result, None)
-        else:
-            _settle(future, None, error)
+        assert job.id is not None
+        result, error = pickling.outcome(update, job.id)
+        _settle(future, result, error)
 
     # -- the end ------------------------------------------------------------------------------
 
@@ -265,18 +265,30 @@ class _Engine:
             for future in self.outstanding():
                 future.cancel()  # only those not running yet; their done callbacks send it
         with self.lock:
+            already = self.shutting_down
             self.shutting_down = True
             self.lock.notify_all()
         if wait:
-            wait_for(self.outstanding())
-            self.sender.join()
-            with self.lock:
-                followers = [j.follower for j in self.jobs.values() if j.follower is not None]
-                self.lock.notify_all()
-            for follower in followers:
+            self._finish()
+        elif not already:  # the rest in the background: the futures still resolve
+            threading.Thread(target=self._finish, name="mesh-shutdown", daemon=True).start()
+
+    def _finish(self) -> None:
+        """Wait for every future, then for the threads, then close what this engine opened."""
+        wait_for(self.outstanding())
+        self.sender.join()
+        with self.lock:
+            followers = [j.follower for j in self.jobs.values() if j.follower is not None]
+            self.lock.notify_all()
+        for follower in followers:
+            if follower is not threading.current_thread():
                 follower.join()
-            if self.own_client:
-                self.client.close()
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+        if self.own_client:
+            self.client.close()
 
 
 def _parts(items: list[_Queued]) -> Iterator[list[_Queued]]:
@@ -324,9 +336,9 @@ class MeshExecutor(Executor):
         config: Path | None = None,
         **options: Any,
     ) -> None:
+        self._options = CallOptions().changed(**options)  # a bad option fails before anything
         own = client is None
         self._engine = _Engine(client or Client.from_config(config), own)
-        self._options = CallOptions().changed(**options)
 
     @classmethod
     def _view(cls, engine: _Engine, options: CallOptions) -> MeshExecutor:
@@ -376,7 +388,7 @@ class MeshExecutor(Executor):
             if chunksize == 1:
                 payload = pickling.pickle_call(fn, chunk[0], {})
             else:
-                payload = pickling.pickle_chunk(fn, chunk)
+                payload = pickling.pickle_batch([(fn, args, {}) for args in chunk])
             queued.append(_Queued(future, self._options, payload))
         self._engine.enqueue(queued)
         futures = [item.future for item in queued]
@@ -396,6 +408,15 @@ class MeshExecutor(Executor):
                     future.cancel()
 
         return results()
+
+    def submit_batch(
+        self, calls: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]
+    ) -> Future[list[Any]]:
+        """Run several calls ``(fn, args, kwargs)`` as one task, in order; the future's result
+        is the list of their results (the first exception raised is the future's)."""
+        future: Future[list[Any]] = Future()
+        self._engine.enqueue([_Queued(future, self._options, pickling.pickle_batch(calls))])
+        return future
 
     def cancel_running(self, future: Future[Any]) -> bool:
         """Cancel the call behind ``future`` on the mesh even if it runs (its worker is killed);

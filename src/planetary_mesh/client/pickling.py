@@ -81,9 +81,10 @@ def pickle_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     return _encode(("call", fn, args, kwargs))
 
 
-def pickle_chunk(fn: Callable[..., Any], items: list[tuple[Any, ...]]) -> str:
-    """Several calls of ``fn`` in one task (``map`` with a chunksize): a list comes back."""
-    return _encode(("chunk", fn, items))
+def pickle_batch(items: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]) -> str:
+    """Several calls ``(fn, args, kwargs)`` in one task (``map`` with a chunksize, a joblib
+    batch): the list of their results comes back."""
+    return _encode(("batch", items))
 
 
 def _encode(call: tuple[Any, ...]) -> str:

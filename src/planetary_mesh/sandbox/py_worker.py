@@ -11,7 +11,8 @@ as root outside the sandbox and never unpickles what a worker says. The worker s
 ``{"ready": pid, "python": "3.11"}``, then serves until the agent closes the socket:
 
 - ``{"call": id}`` with one blob, a cloudpickle of ``("call", fn, args, kwargs)`` or
-  ``("chunk", fn, [args, ...])`` (``executor.map`` with a chunksize);
+  ``("batch", [(fn, args, kwargs), ...])`` (``map`` with a chunksize, a joblib batch), whose
+  result is the list of the results;
 - answered by ``{"done": id, "ok": bool, "retire": bool, ...}`` with two blobs: the pickled
   result when ``ok``, else a pickled error record for the caller (the exception's type name,
   message, remote traceback as text and, when it pickles, the exception itself with its
@@ -123,9 +124,8 @@ def _error_record(
 
 def _run(payload: bytes, cloudpickle: Any) -> Any:
     call = cloudpickle.loads(payload)
-    if call[0] == "chunk":
-        _, fn, items = call
-        return [fn(*args) for args in items]
+    if call[0] == "batch":
+        return [fn(*args, **kwargs) for fn, args, kwargs in call[1]]
     _, fn, args, kwargs = call
     return fn(*args, **kwargs)
 

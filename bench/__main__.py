@@ -36,6 +36,8 @@ class System(Protocol):
     def footprint(self) -> int: ...
     def commands(self, count: int) -> float: ...
     def latency(self, count: int) -> list[float]: ...
+    def functions(self, count: int) -> float: ...
+    def function_latency(self, count: int) -> list[float]: ...
     def cpu_bound(self, count: int, loops: int) -> float: ...
     def kill_rerun(self, cap: float) -> tuple[float, int]: ...
     def freeze_rerun(self, cap: float) -> tuple[float, int]: ...
@@ -86,6 +88,13 @@ def one_round(
         figures["latency_p50_ms"] = percentile(samples, 0.5) * 1000
         figures["latency_p99_ms"] = percentile(samples, 0.99) * 1000
         log(f"  {name}: latency p50 {figures['latency_p50_ms']:.2f} ms")
+        figures["functions_per_s"] = sizes.functions / system.functions(sizes.functions)
+        log(f"  {name}: no-op Python calls {figures['functions_per_s']:.0f}/s")
+        samples = system.function_latency(sizes.function_latency)
+        raw["function_latency_s"] = samples
+        figures["function_latency_p50_ms"] = percentile(samples, 0.5) * 1000
+        figures["function_latency_p99_ms"] = percentile(samples, 0.99) * 1000
+        log(f"  {name}: one Python call p50 {figures['function_latency_p50_ms']:.2f} ms")
         figures["large_array_s"] = system.commands(sizes.large_array)
         log(f"  {name}: {sizes.large_array} tasks in {figures['large_array_s']:.1f} s")
         # Serial is the same work one after another: in one process for Dask and Ray, as one
@@ -204,6 +213,7 @@ def main() -> None:
         f"Command: `{command.strip()}`; {args.rounds} rounds"
         + (" (smoke sizes: not a measurement)" if args.smoke else "")
         + f". Sizes: {sizes.commands} command tasks, {sizes.latency} sequential calls,"
+        f" {sizes.functions} no-op Python calls, {sizes.function_latency} sequential ones,"
         f" {sizes.large_array} tasks in one call, {sizes.cpu_tasks} CPU tasks of"
         f" ~{sizes.cpu_seconds} s, {sizes.pending} pending tasks, {sizes.scale_agents}"
         " simulated agents."

@@ -21,6 +21,8 @@ class Sizes:
 
     commands: int = 2000
     latency: int = 200
+    functions: int = 2000  # no-op Python calls in one map
+    function_latency: int = 200  # no-op Python calls, one after another
     large_array: int = 10_000
     cpu_tasks: int = 16
     cpu_seconds: float = 0.5
@@ -33,7 +35,8 @@ class Sizes:
     @classmethod
     def smoke(cls) -> Sizes:
         return cls(
-            commands=20, latency=10, large_array=50, cpu_tasks=4, cpu_seconds=0.05,
+            commands=20, latency=10, functions=20, function_latency=10, large_array=50,
+            cpu_tasks=4, cpu_seconds=0.05,
             pending=1000, rerun_cap=30.0, scale_agents=20, scale_window=2.0, scale_probes=10,
         )  # fmt: skip
 

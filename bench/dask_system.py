@@ -83,6 +83,14 @@ class DaskSystem:
             samples.append(time.perf_counter() - started)
         return samples
 
+    def functions(self, count: int) -> float:
+        started = time.perf_counter()
+        self._c.gather(self._c.map(tasks.noop, range(count), pure=False))
+        return time.perf_counter() - started
+
+    def function_latency(self, count: int) -> list[float]:
+        return self.latency(count)  # its latency scenario is a no-op Python call already
+
     def cpu_bound(self, count: int, loops: int) -> float:
         started = time.perf_counter()
         self._c.gather(self._c.map(tasks.spin_task, [loops] * count, pure=False))

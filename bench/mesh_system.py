@@ -9,8 +9,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from bench import tasks
 from bench.common import SPIN_SOURCE, NotWithin, kill, peak_rss, tree_rss, wait_until
-from planetary_mesh.client import Client
+from planetary_mesh.client import Client, MeshExecutor
 from planetary_mesh.protocol import JobSubmit
 from planetary_mesh.testing import LocalMesh
 
@@ -75,16 +76,35 @@ class MeshSystem:
             samples.append(self._run(["/bin/true"], 1))
         return samples
 
-    def cpu_bound(self, tasks: int, loops: int) -> float:
-        code = SPIN_SOURCE.format(n=loops)
-        return self._run(["/usr/bin/python3", "-S", "-c", code], tasks)
+    def functions(self, count: int) -> float:
+        """``count`` no-op calls through MeshExecutor.map, one task each (no chunksize), once
+        its workers are up (as Dask's and Ray's are)."""
+        with MeshExecutor(self._c, name="bench-functions") as executor:
+            list(executor.map(tasks.noop, range(4)))
+            started = time.perf_counter()
+            list(executor.map(tasks.noop, range(count)))
+            return time.perf_counter() - started
 
-    def serial_cpu(self, tasks: int, loops: int) -> float:
+    def function_latency(self, count: int) -> list[float]:
+        with MeshExecutor(self._c, name="bench-function-latency") as executor:
+            executor.submit(tasks.noop).result()
+            samples = []
+            for _ in range(count):
+                started = time.perf_counter()
+                executor.submit(tasks.noop).result()
+                samples.append(time.perf_counter() - started)
+            return samples
+
+    def cpu_bound(self, count: int, loops: int) -> float:
+        code = SPIN_SOURCE.format(n=loops)
+        return self._run(["/usr/bin/python3", "-S", "-c", code], count)
+
+    def serial_cpu(self, count: int, loops: int) -> float:
         """The CPU-bound work done one command after another on this machine, unsandboxed:
         the mesh's serial baseline (the same interpreter and start-up as its tasks pay)."""
         code = SPIN_SOURCE.format(n=loops)
         started = time.perf_counter()
-        for _ in range(tasks):
+        for _ in range(count):
             subprocess.run(["/usr/bin/python3", "-S", "-c", code], check=True)
         return time.perf_counter() - started
 

@@ -60,6 +60,16 @@ class RaySystem:
             samples.append(time.perf_counter() - started)
         return samples
 
+    def functions(self, count: int) -> float:
+        import ray
+
+        started = time.perf_counter()
+        ray.get([self.remote["noop"].remote(i) for i in range(count)])
+        return time.perf_counter() - started
+
+    def function_latency(self, count: int) -> list[float]:
+        return self.latency(count)  # its latency scenario is a no-op Python call already
+
     def cpu_bound(self, count: int, loops: int) -> float:
         import ray
 

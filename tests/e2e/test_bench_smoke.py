@@ -26,6 +26,7 @@ def test_the_benchmark_smoke_produces_every_mesh_figure(tmp_path: Path) -> None:
     figures = json.loads(raw.read_text())["rounds"][0]["mesh"]
     expected = {
         "footprint_mib", "commands_per_s", "latency_p50_ms", "latency_p99_ms", "large_array_s",
+        "functions_per_s", "function_latency_p50_ms", "function_latency_p99_ms",
         "cpu_speedup", "kill_rerun_s", "kill_lost", "freeze_rerun_s", "freeze_lost",
         "pending_mib", "fresh_sandbox_ms", "warm_sandbox_ms", "fork_exec_ms",
         "restart_serving_s", "restart_resumed_s", "restart_finished_s", "scale_idle_cpu_share",

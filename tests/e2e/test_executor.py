@@ -67,10 +67,6 @@ def slow(seconds: float, value: Any = None) -> Any:
     return value
 
 
-def pid() -> int:
-    return os.getpid()
-
-
 def test_map_keeps_order_and_futures_work_with_stdlib_wait_and_as_completed(
     executor: MeshExecutor,
 ) -> None:
@@ -239,14 +235,14 @@ def die() -> None:
 def test_workers_are_reused_and_replaced_after_a_crash(
     executor: MeshExecutor, client: Client
 ) -> None:
-    pids = [executor.submit(pid).result(timeout=60) for _ in range(8)]
+    workers = [executor.submit(worker_token).result(timeout=60) for _ in range(8)]
     (job_id,) = executor.job_ids()
     tasks = client.job(job_id).task_list or []
-    by_node: dict[str | None, set[int]] = {}
-    for task, worker in zip(tasks, pids, strict=True):
+    by_node: dict[str | None, set[str]] = {}
+    for task, worker in zip(tasks, workers, strict=True):
         by_node.setdefault(task.node, set()).add(worker)
     # One warm worker per node served every call there: no interpreter per call.
-    assert all(len(workers) == 1 for workers in by_node.values()), by_node
+    assert all(len(tokens) == 1 for tokens in by_node.values()), by_node
 
     with pytest.raises(WorkerDied, match="exit code 3"):
         executor.submit(die).result(timeout=60)
@@ -323,3 +319,33 @@ def test_first_completed_wait_returns_the_quick_call(executor: MeshExecutor) -> 
     done, _ = wait([slow_one, quick], timeout=60, return_when=FIRST_COMPLETED)
     assert quick in done
     assert slow_one.result(timeout=60) is None
+
+
+def worker_token() -> str:
+    """A name for the worker process that runs this call: made once per process."""
+    import builtins
+    import uuid
+
+    if not hasattr(builtins, "_mesh_test_worker"):
+        builtins._mesh_test_worker = uuid.uuid4().hex  # type: ignore[attr-defined]
+    return str(builtins._mesh_test_worker)  # type: ignore[attr-defined]
+
+
+_KEPT: list[bytearray] = []
+
+
+def keep_memory(megabytes: int) -> str:
+    """Hold ``megabytes`` in the worker after returning (a cache that grew too big)."""
+    block = bytearray(megabytes * 1024 * 1024)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    _KEPT.append(block)
+    return worker_token()
+
+
+def test_a_worker_past_its_memory_high_water_mark_is_replaced(executor: MeshExecutor) -> None:
+    # 256 MiB per call: a worker that holds more than 80 % of that after a call is retired.
+    calls = executor.options(memory="256M", name="high-water")
+    heavy = calls.submit(keep_memory, 230).result(timeout=60)
+    after = {calls.submit(worker_token).result(timeout=60) for _ in range(6)}
+    assert heavy not in after  # that worker exited after answering; fresh ones took over

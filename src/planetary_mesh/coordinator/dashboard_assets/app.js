@@ -365,7 +365,9 @@ async function jobView(route) {
     h("h1", {}, `Job `, h("span", { class: "mono" }, job.id), ` · ${job.name} `, badge(job.state)),
     h("div", { class: "toolbar" }, progress(job), h("span", { class: "spacer" }), cancelControl(job)),
     h("div", { class: "panel" }, h("dl", { class: "facts" },
-      h("dt", {}, "Command"), h("dd", { class: "mono" }, job.argv.map(shellQuote).join(" ")),
+      job.python
+        ? [h("dt", {}, "Runs"), h("dd", {}, `Python ${job.python} function calls (an executor's)`)]
+        : [h("dt", {}, "Command"), h("dd", { class: "mono" }, job.argv.map(shellQuote).join(" "))],
       h("dt", {}, "Owner"), h("dd", {}, job.owner),
       h("dt", {}, "Submitted"), h("dd", {}, `${clock(job.created_at)} (${ago(job.created_at)})`),
       h("dt", {}, "Each task asks for"), h("dd", {}, `${job.cpus} CPU, ${bytes(job.memory)}`

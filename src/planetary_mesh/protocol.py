@@ -17,6 +17,7 @@ MAX_ARRAY = 100_000
 MAX_OUTPUT_BYTES = 16 * 1024 * 1024  # per task, all collected files together
 MAX_LOG_BYTES = 1024**3  # per attempt, the most output the coordinator stores, whatever agents do
 LOG_MARKER_ROOM = 1024  # past an agent's own log limit, for its "truncated" line
+MAX_GPUS = 64  # a task may ask for this many whole GPUs at most
 MAX_CALL_BYTES = 8 * 1024 * 1024  # one function call: the pickled function and arguments
 MAX_RESULT_BYTES = 8 * 1024 * 1024  # one call's pickled result (or its error record)
 PYTHON_VERSION = r"^3\.[0-9]{1,2}$"
@@ -105,6 +106,7 @@ class JobSubmit(Strict):
     count: int = Field(default=1, ge=1, le=MAX_ARRAY)
     priority: int = Field(default=0, ge=-1000, le=1000)
     network: bool = False
+    gpus: int = Field(default=0, ge=0, le=MAX_GPUS)  # whole GPUs per task
 
 
 class FunctionSubmit(Strict):
@@ -124,6 +126,7 @@ class FunctionSubmit(Strict):
     retries: int = Field(default=0, ge=0, le=100)
     priority: int = Field(default=0, ge=-1000, le=1000)
     network: bool = False
+    gpus: int = Field(default=0, ge=0, le=MAX_GPUS)  # whole GPUs per call
 
 
 class CallsAdd(Strict):
@@ -296,6 +299,7 @@ class JobInfo(Strict):
     tasks: dict[str, int]  # "total" and one count per task state
     task_list: list[TaskInfo] | None = None  # only in the detail of one job
     python: str | None = None  # a job of Python function calls: the caller's major.minor
+    gpus: int = 0  # whole GPUs per task
 
 
 class DrainRequest(Strict):
@@ -317,6 +321,7 @@ class NodeInfo(Strict):
     drain_deadline: float | None = None
     labels: dict[str, str] = {}
     gpus: int = 0
+    used_gpus: int = 0  # held by the mesh's tasks
     cpu_percent: float | None = None  # the whole machine's, owner's work included; live nodes
     memory_in_use: int | None = None
 

@@ -308,3 +308,31 @@ def test_after_a_coordinator_restart_the_open_page_goes_on_with_the_same_history
             assert page.evaluate("window.__sameDocument") is True
         finally:
             context.close()
+
+
+def shout_and_fail(x: int) -> float:
+    print(f"about to divide {x} by zero")
+    return x / 0
+
+
+def test_an_executor_s_calls_are_a_job_on_the_page_with_why_each_ended(
+    page: Page, client: Client
+) -> None:
+    from planetary_mesh import MeshExecutor
+
+    with MeshExecutor(client, name="python-calls") as executor:
+        assert executor.submit(abs, -3).result(timeout=60) == 3
+        failed = executor.submit(shout_and_fail, 7)
+        with pytest.raises(ZeroDivisionError):
+            failed.result(timeout=60)
+        (job_id,) = executor.job_ids()
+    go(page, f"#/jobs/{job_id}?task=1")
+    expect(page.locator("h1")).to_contain_text("python-calls")
+    python = f"Python {sys.version_info.major}.{sys.version_info.minor} function calls"
+    expect(page.locator("dl.facts")).to_contain_text(python)
+    expect(page.locator("tr[data-task] td.state")).to_have_text(["succeeded", "failed"])
+    expect(page.locator("tr[data-task] td.reason").last).to_contain_text(
+        "raised builtins.ZeroDivisionError: division by zero"
+    )
+    expect(page.locator("pre.output")).to_contain_text("about to divide 7 by zero")
+    shot(page, "job-python-calls")

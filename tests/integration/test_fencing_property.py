@@ -289,7 +289,7 @@ class FencingMachine(RuleBasedStateMachine):
         for node, cpus in used.items():
             assert cpus <= NODES[node] * (1 + PREFETCH_MAX_DEPTH) + CPU_SLACK, (node, cpus)
         # What the scheduler reads agrees with the tasks themselves.
-        for node, (cpus, _memory) in store.usage_by_node().items():
+        for node, (cpus, _memory, _gpus) in store.usage_by_node().items():
             assert abs(cpus - used[node]) <= CPU_SLACK, (node, cpus, used[node])
 
 

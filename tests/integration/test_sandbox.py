@@ -234,6 +234,20 @@ def test_bwrap_hides_the_host(bwrap_runner: Runner, tmp_path: Path) -> None:
     assert outcome.exit_code == 1
 
 
+def test_bwrap_shows_a_device_only_to_the_task_given_it(
+    bwrap_runner: Runner, tmp_path: Path
+) -> None:
+    # As a GPU's device files are shown to the task holding it (agent/gpus.py); /dev/kmsg
+    # stands in for one: a character device of the host that bwrap's own /dev lacks.
+    device = "/dev/kmsg"
+    check = ["sh", "-c", f"test -c {device}"]
+    outcome, _ = run(bwrap_runner, launch(check, tmp_path))
+    assert outcome.exit_code == 1  # hidden by default
+    given = TaskLaunch(tuple(check), {}, tmp_path, 10.0, devices=(device,))
+    outcome, _ = run(bwrap_runner, given)
+    assert outcome.exit_code == 0
+
+
 def test_bwrap_has_no_network_unless_asked(bwrap_runner: Runner, tmp_path: Path) -> None:
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]

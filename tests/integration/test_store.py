@@ -538,7 +538,7 @@ def test_nodes_record_their_state_size_and_usage(store: SQLiteStore) -> None:
     assert n1.name == "desk"  # not given: kept
     assert (n1.used_cpus, n1.used_memory, n1.running) == (3.0, 200 * MIB, 2)
     assert (n2.used_cpus, n2.used_memory, n2.running) == (0.0, 0, 0)
-    assert store.usage_by_node() == {"n1": (3.0, 200 * MIB)}
+    assert store.usage_by_node() == {"n1": (3.0, 200 * MIB, 0)}
 
     store.update_node("n2", state=NodeState.READY, now=NOW + 6)
     store.mark_nodes(NodeState.READY, NodeState.SUSPECT)

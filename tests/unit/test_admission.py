@@ -9,10 +9,13 @@ from planetary_mesh.agent.admission import Admission
 MIB = 1024**2
 
 
-async def _started(tasks: dict[str, asyncio.Task[bool]]) -> set[str]:
+Entered = asyncio.Task[tuple[int, ...] | None]
+
+
+async def _started(tasks: dict[str, Entered]) -> set[str]:
     await asyncio.sleep(0)  # let every waiter look once (no time passes)
     await asyncio.sleep(0)
-    return {name for name, task in tasks.items() if task.done() and task.result()}
+    return {name for name, task in tasks.items() if task.done() and task.result() is not None}
 
 
 def test_tasks_start_in_order_within_the_room() -> None:
@@ -77,7 +80,7 @@ def test_a_cancelled_queued_task_leaves_without_running_and_frees_its_turn() -> 
         cancelled.add("b")
         gate.wake()
         await asyncio.sleep(0)
-        assert tasks["b"].done() and tasks["b"].result() is False
+        assert tasks["b"].done() and tasks["b"].result() is None
         gate.leave(1.0, MIB)
         assert await _started(tasks) == {"a", "c"}  # c went after b left the line
         assert gate.waiting == 0
@@ -96,5 +99,26 @@ def test_nothing_starts_while_the_lease_has_lapsed() -> None:
         lease["holds"] = True
         gate.wake()
         assert await _started({"a": task}) == {"a"}
+
+    asyncio.run(scenario())
+
+
+def test_gpus_are_whole_devices_and_two_tasks_never_share_one() -> None:
+    async def scenario() -> None:
+        gate: Admission[str] = Admission(cpus=8.0, memory=100 * MIB, gpus=2)
+
+        def enter(name: str, gpus: int) -> Entered:
+            return asyncio.create_task(
+                gate.enter(name, 1.0, MIB, skip=lambda: False, may_start=lambda: True, gpus=gpus)
+            )
+
+        tasks = {"a": enter("a", 1), "b": enter("b", 1), "c": enter("c", 1), "cpu": enter("d", 0)}
+        assert await _started(tasks) == {"a", "b"}  # c waits for a device; d waits behind c
+        assert {tasks["a"].result(), tasks["b"].result()} == {(0,), (1,)}
+        held = tasks["b"].result()
+        assert held is not None
+        gate.leave(1.0, MIB, held)
+        assert await _started(tasks) == {"a", "b", "c", "cpu"}
+        assert tasks["c"].result() == held and tasks["cpu"].result() == ()
 
     asyncio.run(scenario())

@@ -1,5 +1,6 @@
 """The agent's admission queue: assigned tasks start in the order they came, each once the
-CPUs and memory it declared are free on this node.
+CPUs, memory and GPUs it declared are free on this node; the GPUs it is given are named
+devices (their indices), so two tasks never share one.
 
 The coordinator may hand a node more tasks of a short job than it has room for (prefetch,
 core/prefetch.py) so that the next one is already here when one ends; this queue is what keeps
@@ -21,11 +22,12 @@ _EPSILON = 1e-9
 
 
 class Admission(Generic[Key]):
-    def __init__(self, cpus: float, memory: int) -> None:
+    def __init__(self, cpus: float, memory: int, gpus: int = 0) -> None:
         self.cpus = cpus
         self.memory = memory
         self.used_cpus = 0.0
         self.used_memory = 0
+        self.free_gpus = list(range(gpus))  # device indices no task holds
         self._waiting: deque[Key] = deque()
         self._changed = asyncio.Event()
 
@@ -38,7 +40,9 @@ class Admission(Generic[Key]):
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _fits(self, cpus: float, memory: int) -> bool:
+    def _fits(self, cpus: float, memory: int, gpus: int) -> bool:
+        if gpus > len(self.free_gpus):
+            return False  # devices are whole: the caller refuses more than the node has
         if self.used_cpus <= _EPSILON and self.used_memory <= 0:
             return True  # an idle node runs anything it was given: no task waits forever
         return (
@@ -54,25 +58,30 @@ class Admission(Generic[Key]):
         *,
         skip: Callable[[], bool],
         may_start: Callable[[], bool],
-    ) -> bool:
-        """Wait for ``key``'s turn and room, then hold its CPUs and memory (True); or False as
-        soon as ``skip()`` says it is not to run (cancelled while queued)."""
+        gpus: int = 0,
+    ) -> tuple[int, ...] | None:
+        """Wait for ``key``'s turn and room, then hold its CPUs, memory and GPUs: the indices
+        of the GPUs it holds now; or None as soon as ``skip()`` says it is not to run
+        (cancelled while queued)."""
         self._waiting.append(key)
         try:
             while True:
                 if skip():
-                    return False
-                if self._waiting[0] == key and may_start() and self._fits(cpus, memory):
+                    return None
+                if self._waiting[0] == key and may_start() and self._fits(cpus, memory, gpus):
                     self.used_cpus += cpus
                     self.used_memory += memory
-                    return True
+                    devices = tuple(self.free_gpus[:gpus])
+                    del self.free_gpus[:gpus]
+                    return devices
                 await self._changed.wait()
         finally:
             self._waiting.remove(key)
             self.wake()  # the next in line may go now
 
-    def leave(self, cpus: float, memory: int) -> None:
-        """A task that entered has ended: its room is free."""
+    def leave(self, cpus: float, memory: int, devices: tuple[int, ...] = ()) -> None:
+        """A task that entered has ended: its room and its GPUs are free."""
         self.used_cpus = max(0.0, self.used_cpus - cpus)
         self.used_memory = max(0, self.used_memory - memory)
+        self.free_gpus = sorted({*self.free_gpus, *devices})
         self.wake()

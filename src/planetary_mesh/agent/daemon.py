@@ -31,6 +31,7 @@ from planetary_mesh import __version__
 from planetary_mesh.agent import probe, python_env
 from planetary_mesh.agent.admission import Admission
 from planetary_mesh.agent.functions import CallJob, FunctionCall, FunctionWorkers
+from planetary_mesh.agent.gpus import gpu_device_files, gpu_environment
 from planetary_mesh.agent.join import tls_name
 from planetary_mesh.config import AgentPaths, read_toml, write_toml
 from planetary_mesh.discovery import find_coordinator
@@ -65,6 +66,7 @@ class JobInfo:
     cpus: float
     memory: int
     python: str | None = None  # a job of Python function calls
+    gpus: int = 0
 
     def call_job(self, job_id: str) -> CallJob:
         assert self.python is not None
@@ -162,6 +164,10 @@ def _never_started(ref: TaskRef, why: str) -> dict[str, Any]:
     }
 
 
+def _refused(ref: TaskRef, why: str) -> dict[str, Any]:
+    return {**_never_started(ref, why), "end": EndReason.SANDBOX_ERROR.value}
+
+
 def _log_event(ref: TaskRef, offset: int, data: bytes) -> dict[str, Any]:
     return {
         "kind": "log",
@@ -214,7 +220,7 @@ class Agent:
         self.running: dict[TaskRef, RunningTask | None] = {}
         self.cancelled: dict[TaskRef, str] = {}
         # Tasks beyond this node's room (prefetched) wait here for their turn.
-        self.admission: Admission[TaskRef] = Admission(cpus, memory)
+        self.admission: Admission[TaskRef] = Admission(cpus, memory, gpus)
         self._handles: set[asyncio.Task[None]] = set()  # keeps running task coroutines alive
         self.outbox = Outbox()
         self.heartbeat_interval = 1.0
@@ -467,6 +473,7 @@ class Agent:
                     cpus=float(spec["cpus"]),
                     memory=int(spec["memory"]),
                     python=spec.get("python"),
+                    gpus=int(spec.get("gpus", 0)),
                 )
             for task_id, call in message.get("calls", {}).items():
                 self.calls[int(task_id)] = base64.b64decode(call)
@@ -518,13 +525,20 @@ class Agent:
             self.outbox.add_output(ref, offset, data)
             offset = self.task_log if room == 0 else offset + len(data)
 
-        if not await self.admission.enter(
+        if job.gpus > self.gpus:  # never placed so by the coordinator; refuse, never wait
+            self.outbox.add(_refused(ref, f"it asks {job.gpus} GPUs; this node has {self.gpus}"))
+            self.running.pop(ref, None)
+            self.calls.pop(ref[0], None)
+            return
+        devices = await self.admission.enter(
             ref,
             job.cpus,
             job.memory,
             skip=lambda: ref in self.cancelled,
             may_start=self._lease_holds,
-        ):
+            gpus=job.gpus,
+        )
+        if devices is None:
             # Cancelled while queued: it never ran, and says so.
             self.outbox.add(_never_started(ref, self.cancelled.pop(ref, "cancelled")))
             self.running.pop(ref, None)
@@ -532,10 +546,10 @@ class Agent:
             return
         try:
             outcome, result = await self._start_and_wait(
-                ref, job_id, index, job, workdir, on_output
+                ref, job_id, index, job, workdir, on_output, devices
             )
         finally:
-            self.admission.leave(job.cpus, job.memory)
+            self.admission.leave(job.cpus, job.memory, devices)
         outputs, note = collect_outputs(workdir, job.outputs)
         if note:
             on_output(note.encode())
@@ -563,15 +577,19 @@ class Agent:
         job: JobInfo,
         workdir: Path,
         on_output: Callable[[bytes], None],
+        devices: tuple[int, ...],
     ) -> tuple[TaskOutcome, bytes | None]:
-        """Run the task to its end: its outcome and, for a function call, its result."""
+        """Run the task to its end: its outcome and, for a function call, its result.
+        ``devices``: the indices of the GPUs it holds."""
         running: RunningTask | FunctionCall
         try:
             if job.python is not None:
                 payload = self.calls.pop(ref[0], None)
                 if payload is None:
                     raise MeshError("its call did not arrive with it; it will be sent again")
-                running = await self.functions.start(job.call_job(job_id), payload, on_output)
+                running = await self.functions.start(
+                    job.call_job(job_id), payload, on_output, devices
+                )
                 return await self._watch(ref, running), running.result
             # The task user may pass through (not list) the folder above its own directory.
             workdir.parent.mkdir(mode=0o711, exist_ok=True)
@@ -580,6 +598,7 @@ class Agent:
                 (workdir / name).write_bytes(data)
             env = {
                 **job.env,
+                **gpu_environment(devices),
                 "MESH_JOB_ID": job_id,
                 "MESH_TASK_INDEX": str(index),
                 "MESH_TASK_COUNT": str(job.count),
@@ -592,9 +611,11 @@ class Agent:
                 timeout=job.timeout,
                 network=job.network,
                 limits=Limits(memory=job.memory, cpus=job.cpus, disk=self.task_disk),
-                # Tasks of one job may share a warm sandbox on this agent (the runner decides).
-                share=job_id,
+                # Tasks of one job may share a warm sandbox on this agent (the runner decides);
+                # not tasks that hold GPUs: each sees only its own devices.
+                share=None if devices else job_id,
                 share_size=job.count,
+                devices=gpu_device_files(devices),
             )
             running = await self.runner.start(launch, on_output)
             return await self._watch(ref, running), None

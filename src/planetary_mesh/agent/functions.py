@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from planetary_mesh.agent.gpus import gpu_device_files, gpu_environment
 from planetary_mesh.agent.python_env import VERSION, PythonEnv
 from planetary_mesh.errors import SandboxError
 from planetary_mesh.protocol import MAX_RESULT_BYTES
@@ -64,17 +65,20 @@ class CallJob:
 
 
 class Worker:
-    """One worker process and the socket to it."""
+    """One worker process and the socket to it; ``devices``: the GPUs it was started with (its
+    calls are those that hold exactly these)."""
 
     def __init__(
         self,
         job: CallJob,
+        devices: tuple[int, ...],
         running: RunningTask,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         on_output: list[OutputSink | None],
     ) -> None:
         self.job = job
+        self.devices = devices
         self.running = running
         self.reader = reader
         self.writer = writer
@@ -176,13 +180,19 @@ class FunctionWorkers:
         self.env = env
         self.work_root = work_root
         self.task_disk = task_disk
-        self.idle: dict[str, list[Worker]] = {}
+        self.idle: dict[tuple[str, tuple[int, ...]], list[Worker]] = {}
         self._workers: set[Worker] = set()
         self._ids = itertools.count(1)
 
-    async def start(self, job: CallJob, payload: bytes, on_output: OutputSink) -> FunctionCall:
-        """Send one call to a worker of its job (started if none is free). Raises SandboxError
-        when no worker can run it; the message says why."""
+    async def start(
+        self,
+        job: CallJob,
+        payload: bytes,
+        on_output: OutputSink,
+        devices: tuple[int, ...] = (),
+    ) -> FunctionCall:
+        """Send one call to a worker of its job that has the GPUs ``devices`` the call holds
+        (started if none is free). Raises SandboxError when no worker can run it, saying why."""
         if job.python != VERSION:
             raise SandboxError(
                 f"refused: the function was pickled by Python {job.python}, and this agent runs"
@@ -191,7 +201,7 @@ class FunctionWorkers:
             )
         if self.env.python is None:
             raise SandboxError(f"refused: {self.env.problem}")
-        worker = self._idle_worker(job.job_id) or await self._start_worker(job)
+        worker = self._idle_worker((job.job_id, devices)) or await self._start_worker(job, devices)
         worker.busy = True
         worker.attach(on_output)
         call = FunctionCall(self, worker, on_output)
@@ -203,8 +213,8 @@ class FunctionWorkers:
             pass  # the worker is gone: the call's wait() says how it died
         return call
 
-    def _idle_worker(self, job_id: str) -> Worker | None:
-        workers = self.idle.get(job_id, [])
+    def _idle_worker(self, key: tuple[str, tuple[int, ...]]) -> Worker | None:
+        workers = self.idle.get(key, [])
         while workers:
             worker = workers.pop()
             if worker.idle_timer is not None:
@@ -214,7 +224,7 @@ class FunctionWorkers:
                 return worker
         return None
 
-    async def _start_worker(self, job: CallJob) -> Worker:
+    async def _start_worker(self, job: CallJob, devices: tuple[int, ...]) -> Worker:
         assert self.env.python is not None
         name = f"worker-{next(self._ids)}"
         workdir = self.work_root / job.job_id / name
@@ -241,14 +251,17 @@ class FunctionWorkers:
                     str(MAX_RESULT_BYTES),
                     *self.env.site_dirs,
                 ),
-                env={**job.env, "MESH_JOB_ID": job.job_id},
+                env={**job.env, **gpu_environment(devices), "MESH_JOB_ID": job.job_id},
                 workdir=workdir,
                 timeout=None,
                 network=job.network,
                 limits=Limits(memory=job.memory, cpus=job.cpus, disk=self.task_disk),
-                share=job.job_id,
-                share_size=2,  # workers of one job share its warm sandbox, where there is one
+                # Workers of one job share its warm sandbox, where there is one; not those
+                # that hold GPUs: each sees only its own devices.
+                share=None if devices else job.job_id,
+                share_size=2,
                 ro_binds=self.env.ro_binds,
+                devices=gpu_device_files(devices),
             )
             running = await self.runner.start(launch, on_output)
             connection = await self._accept(listener, running, workdir)
@@ -257,7 +270,7 @@ class FunctionWorkers:
             with contextlib.suppress(OSError):
                 (workdir / SOCKET_NAME).unlink()
         reader, writer = await asyncio.open_unix_connection(sock=connection)
-        worker = Worker(job, running, reader, writer, sink)
+        worker = Worker(job, devices, running, reader, writer, sink)
         hello = await _read_frame(reader)
         if hello is None or "ready" not in hello[0]:
             worker.stop("it did not say hello")
@@ -296,7 +309,7 @@ class FunctionWorkers:
             if not worker.ended.done():
                 worker.writer.close()  # retiring: it exits by itself on its own say
             return
-        self.idle.setdefault(worker.job.job_id, []).append(worker)
+        self.idle.setdefault((worker.job.job_id, worker.devices), []).append(worker)
         loop = asyncio.get_running_loop()
         worker.idle_timer = loop.call_later(IDLE_S, self._stop_idle, worker)
 
@@ -307,11 +320,12 @@ class FunctionWorkers:
 
     def _forget(self, worker: Worker) -> None:
         self._workers.discard(worker)
-        idle = self.idle.get(worker.job.job_id)
+        key = (worker.job.job_id, worker.devices)
+        idle = self.idle.get(key)
         if idle is not None and worker in idle:
             idle.remove(worker)
             if not idle:
-                del self.idle[worker.job.job_id]
+                del self.idle[key]
         if worker.idle_timer is not None:
             worker.idle_timer.cancel()
         worker.writer.close()

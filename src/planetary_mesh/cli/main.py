@@ -191,6 +191,10 @@ def agent(
     data_dir: DataDir = None,
     cpus: Annotated[float | None, typer.Option("--cpus", help="CPUs to offer.")] = None,
     memory: Annotated[str | None, typer.Option("--memory", help="Memory to offer.")] = None,
+    gpus: Annotated[
+        int | None,
+        typer.Option("--gpus", help="GPUs to offer (default: the NVIDIA GPUs found)."),
+    ] = None,
     name: Annotated[str | None, typer.Option("--name", help="Node name.")] = None,
     no_sandbox: Annotated[
         bool, typer.Option("--no-sandbox", help="Run tasks unsandboxed if bwrap is missing.")
@@ -258,11 +262,28 @@ def agent(
         task_disk=disk,
         task_log=parse_size(task_log),
         labels=labels,
-        gpus=probe.detect_gpus(),
+        gpus=_offered_gpus(gpus, probe.detect_gpus()),
         # A --coordinator given now is checked by its address; a found one by the fixed name.
         server_name=None if coordinator else state.get("server_name"),
     )
     asyncio.run(daemon.run())
+
+
+def _offered_gpus(asked: int | None, found: int) -> int:
+    """The GPUs the agent offers: those found, or as many as --gpus says (devices 0..N-1)."""
+    if asked is None:
+        return found
+    if asked < 0:
+        raise ConfigError(f"bad --gpus {asked}: it must be 0 or more")
+    if asked > found:
+        logging.getLogger(__name__).warning(
+            "offering %d GPUs (--gpus) where %d NVIDIA GPUs were found: tasks get devices"
+            " 0..%d, whether or not the sandbox has their device files",
+            asked,
+            found,
+            asked - 1,
+        )
+    return asked
 
 
 def _parse_labels(given: list[str]) -> dict[str, str]:

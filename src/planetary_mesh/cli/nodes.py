@@ -38,7 +38,7 @@ def nodes(
         return
     table(
         None,
-        ["ID", "NAME", "STATE", "CPUS", "MEMORY", "RUNNING", "SANDBOX"],
+        ["ID", "NAME", "STATE", "CPUS", "MEMORY", "GPUS", "RUNNING", "SANDBOX"],
         [
             [
                 n.id,
@@ -46,6 +46,7 @@ def nodes(
                 n.state,
                 f"{n.used_cpus:g}/{n.cpus:g}",
                 f"{format_size(n.used_memory)}/{format_size(n.memory)}",
+                f"{n.used_gpus}/{n.gpus}" if n.gpus else "-",
                 str(n.running),
                 n.sandbox or "-",
             ]

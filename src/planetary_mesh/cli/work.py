@@ -46,6 +46,7 @@ Outputs = Annotated[
 Name = Annotated[str | None, typer.Option("--name", help="Job name (default: the command).")]
 Priority = Annotated[int, typer.Option("--priority", help="Higher runs first.")]
 Network = Annotated[bool, typer.Option("--network", help="Let tasks use the network.")]
+Gpus = Annotated[int, typer.Option("--gpus", help="Whole GPUs each task needs.")]
 Command = Annotated[list[str], typer.Argument(help="The command and its arguments, after --.")]
 
 
@@ -62,6 +63,7 @@ def build_submit(
     name: str | None,
     priority: int,
     network: bool,
+    gpus: int = 0,
 ) -> JobSubmit:
     environment = {}
     for item in env or []:
@@ -93,6 +95,7 @@ def build_submit(
             count=array,
             priority=priority,
             network=network,
+            gpus=gpus,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -115,13 +118,14 @@ def register(app: typer.Typer) -> None:
         name: Name = None,
         priority: Priority = 0,
         network: Network = False,
+        gpus: Gpus = 0,
         config: ConfigOption = None,
     ) -> None:
         # One function behind both commands: they take the same options and differ only in
         # whether they wait for the job.
         body = build_submit(
             command, cpus, memory, timeout, retries, array, env, file, output, name, priority,
-            network,
+            network, gpus,
         )  # fmt: skip
         with client_for(config) as client:
             job = client.submit(body)

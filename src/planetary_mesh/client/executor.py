@@ -44,6 +44,7 @@ class CallOptions:
 
     cpus: float = 1.0
     memory: int = 256 * 1024**2
+    gpus: int = 0
     timeout: float | None = None
     retries: int = 0
     priority: int = 0
@@ -150,6 +151,7 @@ class _Engine:
                     env=dict(options.env),
                     cpus=options.cpus,
                     memory=options.memory,
+                    gpus=options.gpus,
                     timeout=options.timeout,
                     retries=options.retries,
                     priority=options.priority,
@@ -325,8 +327,9 @@ class MeshExecutor(Executor):
 
     ``MeshExecutor()`` reads the client configuration as the ``mesh`` CLI does (or give
     ``client=`` or ``config=``); keyword options set the calls' resources and policy: ``cpus``,
-    ``memory`` (bytes or "512M"), ``timeout`` (seconds per call), ``retries``, ``priority``,
-    ``network``, ``env`` and ``name`` (the job's, as `mesh jobs` shows it).
+    ``memory`` (bytes or "512M"), ``gpus`` (whole devices; ``CUDA_VISIBLE_DEVICES`` names
+    them), ``timeout`` (seconds per call), ``retries``, ``priority``, ``network``, ``env`` and
+    ``name`` (the job's, as `mesh jobs` shows it).
     """
 
     def __init__(

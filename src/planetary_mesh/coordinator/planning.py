@@ -38,7 +38,10 @@ def plan_round(
         return []
     loads = nodes()
     capacity = [
-        NodeCapacity(n.node_id, n.cpus - n.used_cpus, n.memory - n.used_memory) for n in loads
+        NodeCapacity(
+            n.node_id, n.cpus - n.used_cpus, n.memory - n.used_memory, n.gpus - n.used_gpus
+        )
+        for n in loads
     ]
     free = remaining_capacity(capacity, [], [])
     prefetching = room_to_prefetch(loads, depths)
@@ -67,12 +70,21 @@ def loads_after(
 ) -> list[NodeLoad]:
     """``loads`` with ``placements`` (of ``demands``) added to what the nodes hold."""
     sizes = {d.task_id: d for d in demands}
-    held = {n.node_id: [n.used_cpus, n.used_memory] for n in loads}
+    held = {n.node_id: [n.used_cpus, n.used_memory, n.used_gpus] for n in loads}
     for placement in placements:
         demand = sizes[placement.task_id]
         held[placement.node_id][0] += demand.cpus
         held[placement.node_id][1] += demand.memory
+        held[placement.node_id][2] += demand.gpus
     return [
-        NodeLoad(n.node_id, n.cpus, n.memory, held[n.node_id][0], int(held[n.node_id][1]))
+        NodeLoad(
+            n.node_id,
+            n.cpus,
+            n.memory,
+            held[n.node_id][0],
+            int(held[n.node_id][1]),
+            n.gpus,
+            int(held[n.node_id][2]),
+        )
         for n in loads
     ]

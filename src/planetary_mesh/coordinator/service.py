@@ -207,6 +207,7 @@ class CoordinatorService:
             priority=body.priority,
             outputs=tuple(body.outputs),
             network=body.network,
+            gpus=body.gpus,
         )
         return self._add_job(owner, spec, files, ())
 
@@ -224,6 +225,7 @@ class CoordinatorService:
             priority=body.priority,
             network=body.network,
             python=body.python,
+            gpus=body.gpus,
         )
         return self._add_job(owner, spec, {}, _decode_calls(body.calls))
 
@@ -394,7 +396,9 @@ class CoordinatorService:
             gpus=hello.gpus,
         )
         self._note_usage(node_id, hello.usage)
-        session = AgentSession(node_id=node_id, cpus=hello.cpus, memory=hello.memory)
+        session = AgentSession(
+            node_id=node_id, cpus=hello.cpus, memory=hello.memory, gpus=hello.gpus
+        )
         held = set(hello.held)
         requeued = self.store.requeue_node_attempts(
             node_id, held, "the node reconnected without this attempt", now
@@ -808,8 +812,18 @@ class CoordinatorService:
             live = self.liveness.get(node_id)
             if node_id in self.draining or live is None or live.state is not NodeState.READY:
                 continue  # draining, or silent (suspect): it keeps its work but gets no more
-            used_cpus, used_memory = usage.get(node_id, (0.0, 0))
-            loads.append(NodeLoad(node_id, session.cpus, session.memory, used_cpus, used_memory))
+            used_cpus, used_memory, used_gpus = usage.get(node_id, (0.0, 0, 0))
+            loads.append(
+                NodeLoad(
+                    node_id,
+                    session.cpus,
+                    session.memory,
+                    used_cpus,
+                    used_memory,
+                    session.gpus,
+                    used_gpus,
+                )
+            )
         return loads
 
     def _send_assignments(self, session: AgentSession, assignments: list[Assignment]) -> None:

@@ -12,6 +12,7 @@ class AgentSession:
     node_id: str
     cpus: float
     memory: int
+    gpus: int = 0
     outbox: asyncio.Queue[dict[str, Any] | None] = field(default_factory=asyncio.Queue)
     # Jobs whose spec and input files this session has already been sent: an array's tasks
     # share them, so they travel once per session instead of once per task.

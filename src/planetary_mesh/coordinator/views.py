@@ -63,6 +63,7 @@ def job_info(
         cancelled_by=job.cancelled_by,
         tasks={"total": job.spec.count, **counts},
         python=job.spec.python,
+        gpus=job.spec.gpus,
         task_list=None
         if tasks is None
         else [task_info(t, (history or {}).get(t.index, [])) for t in tasks],
@@ -102,6 +103,7 @@ def node_info(node: Node, usage: Usage | None = None) -> NodeInfo:
         drain_deadline=node.drain_deadline,
         labels=dict(node.labels),
         gpus=node.gpus,
+        used_gpus=node.used_gpus,
         cpu_percent=None if live is None else live.cpu_percent,
         memory_in_use=None if live is None else live.memory_in_use,
     )

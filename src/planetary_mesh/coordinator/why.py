@@ -3,7 +3,8 @@
 Pure: the service gathers the facts (the job, the task, the nodes, which are connected, the
 task's place in the queue) and this module words them. For a pending task every node gets its
 reason, in the order the scheduler would hit them: gone, not connected, draining, too small for
-the job ever, not enough free right now, or room (then the queue or a retry backoff is why).
+the job ever (memory, CPUs, GPUs), not enough free right now, or room (then the queue or a
+retry backoff is why).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ def _cpus(value: float) -> str:
     return f"{value:g} CPU" + ("" if value == 1 else "s")
 
 
+def _gpus(value: int) -> str:
+    return f"{value} GPU" + ("" if value == 1 else "s")
+
+
 def node_reason(job: Job, node: Node, connected: bool) -> NodeReason:
     """Why ``node`` does not take a task of ``job`` now, or that it could."""
     spec = job.spec
@@ -54,6 +59,8 @@ def node_reason(job: Job, node: Node, connected: bool) -> NodeReason:
         )
     if spec.cpus > node.cpus:
         return said(f"too small: the job asks {_cpus(spec.cpus)}, the node has {node.cpus:g}")
+    if spec.gpus > node.gpus:
+        return said(f"too small: the job asks {_gpus(spec.gpus)} a task, the node has {node.gpus}")
     free_memory = node.memory - node.used_memory
     if spec.memory > free_memory:
         return said(
@@ -66,6 +73,9 @@ def node_reason(job: Job, node: Node, connected: bool) -> NodeReason:
             f"not enough free CPUs: needs {spec.cpus:g}, {max(0.0, free_cpus):g} free"
             f" of {node.cpus:g}"
         )
+    free_gpus = node.gpus - node.used_gpus
+    if spec.gpus > free_gpus:
+        return said(f"not enough free GPUs: needs {spec.gpus}, {free_gpus} free of {node.gpus}")
     return said("has room for it", fits=True)
 
 
@@ -84,10 +94,13 @@ def explain_pending(
     elif not_before is not None and not_before > now:
         when = datetime.fromtimestamp(not_before).strftime("%H:%M:%S")
         summary = f"pending: waiting out its retry backoff until {when}"
-    elif all(job.spec.memory > n.memory or job.spec.cpus > n.cpus for n in nodes):
+    elif all(
+        job.spec.memory > n.memory or job.spec.cpus > n.cpus or job.spec.gpus > n.gpus
+        for n in nodes
+    ):
         summary = (
             "pending, and no node can ever run it: it asks for more than any node has;"
-            " submit it again with less --memory or --cpus, or add a bigger node"
+            " submit it again with less --memory, --cpus or --gpus, or add a bigger node"
         )
     elif any(r.fits_now for r in reasons):
         queue = f"{ahead} queued tasks go first" if ahead else "it is next in the queue"

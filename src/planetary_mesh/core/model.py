@@ -26,6 +26,7 @@ class JobSpec:
     outputs: tuple[str, ...] = ()
     network: bool = False
     python: str | None = None  # a job of Python function calls: the major.minor they need
+    gpus: int = 0  # whole GPUs each task holds while it runs
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class Node:
     drain_deadline: float | None = None
     labels: dict[str, str] = field(default_factory=dict)  # the owner's words: room=lab, gpu=a100
     gpus: int = 0
+    used_gpus: int = 0  # held by the mesh's tasks
 
     @property
     def shown_state(self) -> NodeState:

@@ -77,6 +77,8 @@ class NodeLoad:
     memory: int
     used_cpus: float
     used_memory: int
+    gpus: int = 0
+    used_gpus: int = 0
 
 
 def plan_prefetch(
@@ -89,7 +91,7 @@ def plan_prefetch(
     placements: list[Placement] = []
     for demand in queue:
         depth = depths.get(demand.job_seq, 0)
-        if depth <= 0:
+        if depth <= 0 or demand.gpus:  # a GPU is a device, not a share: never queued beyond
             continue
         best: str | None = None
         best_ratio = math.inf

@@ -176,6 +176,8 @@ class BwrapRunner:
         argv = [*self._bwrap(status_fd), *self._namespaces(launch.network)]
         argv += ["--bind", str(launch.workdir.resolve()), inside, "--chdir", inside]
         argv += _read_only_binds(launch.ro_binds)
+        for device in launch.devices:
+            argv += ["--dev-bind", device, device]
         argv += [*self._READ_ONLY, "--clearenv"]
         for name, value in launch.environment(inside).items():
             argv += ["--setenv", name, value]

@@ -84,6 +84,8 @@ class TaskLaunch:
     # Host folders a sandbox shows read only at the same path (a Python worker's code and the
     # agent's site-packages); a runner without a sandbox shows everything anyway.
     ro_binds: tuple[str, ...] = ()
+    # Device files (a GPU's) a sandbox shows at the same path; others of the host stay hidden.
+    devices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.argv:

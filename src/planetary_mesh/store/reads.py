@@ -83,12 +83,12 @@ class StoreReads:
         ).fetchone()
         return self.events(int(first) - 1, count)
 
-    def _active_usage(self) -> dict[str, tuple[float, int, int]]:
-        """CPUs, memory and task count that active attempts hold, by node."""
+    def _active_usage(self) -> dict[str, tuple[float, int, int, int]]:
+        """CPUs, memory, task count and GPUs that active attempts hold, by node."""
         return {
-            row[0]: (float(row[1]), int(row[2]), int(row[3]))
+            row[0]: (float(row[1]), int(row[2]), int(row[3]), int(row[4]))
             for row in self._db.execute(
-                "SELECT t.node_id, SUM(j.cpus), SUM(j.memory), COUNT(*) FROM tasks t"
+                "SELECT t.node_id, SUM(j.cpus), SUM(j.memory), COUNT(*), SUM(j.gpus) FROM tasks t"
                 " JOIN jobs j ON j.seq = t.job_seq WHERE t.state IN (?, ?) GROUP BY t.node_id",
                 ACTIVE,
             )
@@ -101,7 +101,7 @@ class StoreReads:
             "SELECT id, name, state, cpus, memory, sandbox, version, joined_at, last_seen,"
             " draining, drain_deadline, labels, gpus FROM nodes ORDER BY joined_at"
         ):
-            used_cpus, used_memory, running = usage.get(row[0], (0.0, 0, 0))
+            used_cpus, used_memory, running, used_gpus = usage.get(row[0], (0.0, 0, 0, 0))
             result.append(
                 Node(
                     id=row[0],
@@ -121,6 +121,7 @@ class StoreReads:
                     drain_deadline=row[10],
                     labels=json.loads(row[11]),
                     gpus=row[12],
+                    used_gpus=min(used_gpus, row[12]),
                 )
             )
         return result

@@ -187,4 +187,8 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE tasks ADD COLUMN changed INTEGER NOT NULL DEFAULT 0",
         "CREATE INDEX tasks_changed ON tasks (job_seq, changed)",
     ],
+    [
+        # GPUs are placed like CPUs and memory: whole devices a task of the job asks for.
+        "ALTER TABLE jobs ADD COLUMN gpus INTEGER NOT NULL DEFAULT 0",
+    ],
 ]

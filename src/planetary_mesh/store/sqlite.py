@@ -364,7 +364,7 @@ class SQLiteStore(CallRecords, StoreReads):
         with self._tx() as db:
             cursor = db.execute(
                 "INSERT INTO jobs (id, name, owner, priority, cpus, memory, count, spec,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, gpus) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     spec.name,
@@ -375,6 +375,7 @@ class SQLiteStore(CallRecords, StoreReads):
                     spec.count,
                     spec_json,
                     now,
+                    spec.gpus,
                 ),
             )
             seq = cursor.lastrowid
@@ -465,9 +466,9 @@ class SQLiteStore(CallRecords, StoreReads):
         lost node, then oldest job, then index. Tasks still backing off wait. Read in that
         order from the tasks_queue index, so a short page of a long queue is cheap."""
         return [
-            Demand(task_id=row[0], cpus=row[1], memory=row[2], job_seq=row[3])
+            Demand(task_id=row[0], cpus=row[1], memory=row[2], job_seq=row[3], gpus=row[4])
             for row in self._db.execute(
-                "SELECT t.id, j.cpus, j.memory, t.job_seq FROM tasks t"
+                "SELECT t.id, j.cpus, j.memory, t.job_seq, j.gpus FROM tasks t"
                 " JOIN jobs j ON j.seq = t.job_seq"
                 " WHERE t.state=? AND (t.not_before IS NULL OR t.not_before <= ?)"
                 " ORDER BY t.priority DESC, t.lost_first DESC, t.job_seq, t.idx"
@@ -484,8 +485,12 @@ class SQLiteStore(CallRecords, StoreReads):
         ).fetchone()
         return None if row[0] is None else float(row[0])
 
-    def usage_by_node(self) -> dict[str, tuple[float, int]]:
-        return {node: (cpus, memory) for node, (cpus, memory, _) in self._active_usage().items()}
+    def usage_by_node(self) -> dict[str, tuple[float, int, int]]:
+        """CPUs, memory and GPUs the active attempts on each node hold."""
+        return {
+            node: (cpus, memory, gpus)
+            for node, (cpus, memory, _, gpus) in self._active_usage().items()
+        }
 
     def assign(self, placements: list[Placement], now: float) -> list[tuple[str, Assignment]]:
         """Commit a plan: each task gets a new attempt and a fresh, globally unique epoch."""

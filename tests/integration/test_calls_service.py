@@ -9,45 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from service_helpers import MIB, connect, make_service, messages
 
 from planetary_mesh.coordinator import service as service_module
-from planetary_mesh.coordinator.service import CoordinatorService
-from planetary_mesh.coordinator.sessions import AgentSession
 from planetary_mesh.errors import RequestRejected
-from planetary_mesh.protocol import CallsAdd, FunctionSubmit, Hello, JobSubmit, Report
-from planetary_mesh.store.sqlite import SQLiteStore
-
-MIB = 2**20
-
-
-def _service(tmp_path: Path) -> CoordinatorService:
-    from planetary_mesh.pki import certs
-
-    ca_cert, ca_key = certs.create_ca("test")
-    return CoordinatorService(SQLiteStore(tmp_path / "mesh.db"), ca_cert, ca_key)
-
-
-def _connect(service: CoordinatorService, node_id: str, cpus: float) -> AgentSession:
-    service.store.add_node(node_id, node_id, 1, 0.0)
-    hello = Hello(
-        type="hello",
-        name=node_id,
-        cpus=cpus,
-        memory=64 * 1024 * MIB,
-        sandbox="bwrap",
-        version="test",
-        held=[],
-    )
-    return service.agent_connected(node_id, hello)
-
-
-def _messages(session: AgentSession, kind: str) -> list[dict[str, Any]]:
-    found = []
-    while not session.outbox.empty():
-        message = session.outbox.get_nowait()
-        if message is not None and message["type"] == kind:
-            found.append(message)
-    return found
+from planetary_mesh.protocol import CallsAdd, FunctionSubmit, JobSubmit, Report
 
 
 def _b64(data: bytes) -> str:
@@ -77,13 +43,13 @@ def _ended(task: list[int], exit_code: int, result: bytes | None, end: str = "ex
 
 
 def test_calls_travel_with_their_tasks_and_results_come_back_in_order(tmp_path: Path) -> None:
-    service = _service(tmp_path)
-    node = _connect(service, "n1", cpus=2)
-    _messages(node, "assign")
+    service = make_service(tmp_path)
+    node = connect(service, "n1", cpus=2)
+    messages(node, "assign")
     job = service.submit_function("alice", _functions([b"call-0", b"call-1", b"call-2"]))
     assert job.spec.python == "3.11" and job.spec.count == 3
 
-    (assign,) = _messages(node, "assign")
+    (assign,) = messages(node, "assign")
     assert assign["jobs"][job.id]["python"] == "3.11"
     tasks = {row[4]: row for row in assign["tasks"]}  # by index
     assert sorted(tasks) == [0, 1]  # two CPUs: two calls placed, one waits
@@ -107,7 +73,7 @@ def test_calls_travel_with_their_tasks_and_results_come_back_in_order(tmp_path: 
         (1, "failed", "exited", 1, b"error-record"),
     ]
     # The freed room took the third call, with its payload.
-    (assign,) = _messages(node, "assign")
+    (assign,) = messages(node, "assign")
     ((task_id, *_rest, index),) = assign["tasks"]
     assert index == 2 and base64.b64decode(assign["calls"][str(task_id)]) == b"call-2"
     # Nothing new after the last cursor; a page limit keeps order.
@@ -116,7 +82,7 @@ def test_calls_travel_with_their_tasks_and_results_come_back_in_order(tmp_path: 
 
 
 def test_more_calls_join_the_same_job_and_only_its_owner_adds_them(tmp_path: Path) -> None:
-    service = _service(tmp_path)
+    service = make_service(tmp_path)
     job = service.submit_function("alice", _functions([b"a"]))
     first, count = service.add_calls(job.id, CallsAdd(calls=[_b64(b"b"), _b64(b"c")]), "alice")
     assert (first, count) == (1, 2)
@@ -141,17 +107,17 @@ def test_more_calls_join_the_same_job_and_only_its_owner_adds_them(tmp_path: Pat
 
 
 def test_cancelling_some_calls_stops_queued_and_running_ones_only(tmp_path: Path) -> None:
-    service = _service(tmp_path)
-    node = _connect(service, "n1", cpus=1)
+    service = make_service(tmp_path)
+    node = connect(service, "n1", cpus=1)
     job = service.submit_function("alice", _functions([b"0", b"1", b"2"]))
-    (assign,) = _messages(node, "assign")
+    (assign,) = messages(node, "assign")
     ((task_id, attempt, epoch, _job, index),) = assign["tasks"]
     assert index == 0
 
     with pytest.raises(RequestRejected, match="owner"):
         service.cancel_tasks(job.id, [0], "mallory", admin=False)
     service.cancel_tasks(job.id, [0, 2], "alice", admin=False)
-    (cancel,) = _messages(node, "cancel")
+    (cancel,) = messages(node, "cancel")
     assert cancel["tasks"] == [[task_id, attempt, epoch]]
     service.schedule_round()  # the freed CPU goes to the call that was not cancelled
     states = {t.index: t.state.value for t in service.store.tasks(job.id)}
@@ -169,14 +135,12 @@ def test_large_calls_are_split_over_several_messages(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(service_module, "ASSIGN_MESSAGE_BYTES", 2500)
-    service = _service(tmp_path)
-    node = _connect(service, "n1", cpus=8)
-    _messages(node, "assign")
+    service = make_service(tmp_path)
+    node = connect(service, "n1", cpus=8)
+    messages(node, "assign")
     job = service.submit_function("alice", _functions([bytes([i]) * 1000 for i in range(6)]))
-    messages = _messages(node, "assign")
-    assert [len(m["tasks"]) for m in messages] == [2, 2, 2]
-    assert job.id in messages[0]["jobs"] and not messages[1]["jobs"]  # the spec goes first
-    sent = {
-        row[4]: base64.b64decode(m["calls"][str(row[0])]) for m in messages for row in m["tasks"]
-    }
-    assert sent == {i: bytes([i]) * 1000 for i in range(6)}
+    sent = messages(node, "assign")
+    assert [len(m["tasks"]) for m in sent] == [2, 2, 2]
+    assert job.id in sent[0]["jobs"] and not sent[1]["jobs"]  # the spec goes first
+    calls = {row[4]: base64.b64decode(m["calls"][str(row[0])]) for m in sent for row in m["tasks"]}
+    assert calls == {i: bytes([i]) * 1000 for i in range(6)}

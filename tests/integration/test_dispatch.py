@@ -7,34 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from service_helpers import MIB, connect, make_service
+
 from planetary_mesh.coordinator.service import CoordinatorService
 from planetary_mesh.coordinator.sessions import AgentSession
 from planetary_mesh.core.prefetch import PREFETCH_MAX_DEPTH
 from planetary_mesh.core.states import TaskState
 from planetary_mesh.pki import certs
-from planetary_mesh.protocol import Hello, JobSubmit, Report
+from planetary_mesh.protocol import JobSubmit, Report
 from planetary_mesh.store.sqlite import SQLiteStore
-
-MIB = 2**20
-
-
-def _service(tmp_path: Path) -> CoordinatorService:
-    ca_cert, ca_key = certs.create_ca("test")
-    return CoordinatorService(SQLiteStore(tmp_path / "mesh.db"), ca_cert, ca_key)
-
-
-def _connect(service: CoordinatorService, node_id: str, cpus: float) -> AgentSession:
-    service.store.add_node(node_id, node_id, 1, 0.0)
-    hello = Hello(
-        type="hello",
-        name=node_id,
-        cpus=cpus,
-        memory=64 * 1024 * MIB,
-        sandbox="bwrap",
-        version="test",
-        held=[],
-    )
-    return service.agent_connected(node_id, hello)
 
 
 def _drain(session: AgentSession) -> list[dict[str, Any]]:
@@ -47,11 +28,11 @@ def _drain(session: AgentSession) -> list[dict[str, Any]]:
 
 
 def test_a_10000_task_array_goes_out_in_one_message_per_node(tmp_path: Path) -> None:
-    service = _service(tmp_path)
+    service = make_service(tmp_path)
     job = service.submit("alice", JobSubmit(argv=["true"], count=10_000, cpus=0.1, memory=MIB))
     assert job.counts and sum(job.counts.values()) == 10_000
-    a = _connect(service, "n-a", cpus=100)
-    b = _connect(service, "n-b", cpus=50)
+    a = connect(service, "n-a", cpus=100)
+    b = connect(service, "n-b", cpus=50)
     _drain(a), _drain(b)
 
     service.schedule_round()
@@ -74,10 +55,10 @@ def test_a_10000_task_array_goes_out_in_one_message_per_node(tmp_path: Path) -> 
 
 
 def test_higher_priority_goes_first_and_a_known_job_is_not_resent(tmp_path: Path) -> None:
-    service = _service(tmp_path)
+    service = make_service(tmp_path)
     low = service.submit("alice", JobSubmit(argv=["true"], count=4, cpus=1, memory=MIB))
     high = service.submit("bob", JobSubmit(argv=["true"], count=2, cpus=1, priority=5, memory=MIB))
-    node = _connect(service, "n-a", cpus=3)
+    node = connect(service, "n-a", cpus=3)
     _drain(node)
     service.schedule_round()
     (first,) = _drain(node)
@@ -108,10 +89,10 @@ def test_small_work_behind_a_long_run_of_tasks_that_fit_nowhere_still_starts(
 ) -> None:
     # The round reads the queue a page at a time; backfill must look past whole pages of
     # tasks too big for any node.
-    service = _service(tmp_path)
+    service = make_service(tmp_path)
     big = service.submit("alice", JobSubmit(argv=["true"], count=1000, memory=1024**4))
     small = service.submit("bob", JobSubmit(argv=["true"], count=3, cpus=1.0, memory=MIB))
-    node = _connect(service, "n-a", cpus=2)
+    node = connect(service, "n-a", cpus=2)
     _drain(node)
     service.schedule_round()
     (sent,) = _drain(node)
@@ -120,10 +101,10 @@ def test_small_work_behind_a_long_run_of_tasks_that_fit_nowhere_still_starts(
 
 
 def test_a_lower_priority_job_waits_behind_a_higher_one_submitted_later(tmp_path: Path) -> None:
-    service = _service(tmp_path)
+    service = make_service(tmp_path)
     low = service.submit("alice", JobSubmit(argv=["true"], count=100, priority=0))
     high = service.submit("bob", JobSubmit(argv=["true"], count=2, priority=5))
-    node = _connect(service, "n-a", cpus=3)
+    node = connect(service, "n-a", cpus=3)
     _drain(node)
     service.schedule_round()
     (sent,) = _drain(node)
@@ -148,7 +129,7 @@ def test_a_job_of_short_tasks_is_prefetched_and_a_long_one_is_not(tmp_path: Path
     now = [1000.0]
     service = _clocked_service(tmp_path, now)
     short = service.submit("alice", JobSubmit(argv=["true"], count=50, cpus=1, memory=MIB))
-    node = _connect(service, "n-a", cpus=1)
+    node = connect(service, "n-a", cpus=1)
     _drain(node)
     service.schedule_round()
     (first,) = _drain(node)

@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import json
 import logging
+import shutil
 import socket
 import struct
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ class Worker:
         self,
         job: CallJob,
         devices: tuple[int, ...],
+        workdir: Path,
         running: RunningTask,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
@@ -79,6 +81,7 @@ class Worker:
     ) -> None:
         self.job = job
         self.devices = devices
+        self.workdir = workdir
         self.running = running
         self.reader = reader
         self.writer = writer
@@ -263,14 +266,18 @@ class FunctionWorkers:
                 ro_binds=self.env.ro_binds,
                 devices=gpu_device_files(devices),
             )
-            running = await self.runner.start(launch, on_output)
-            connection = await self._accept(listener, running, workdir)
+            try:
+                running = await self.runner.start(launch, on_output)
+                connection = await self._accept(listener, running, workdir)
+            except BaseException:
+                shutil.rmtree(workdir, ignore_errors=True)  # it never ran, or is gone already
+                raise
         finally:
             listener.close()
             with contextlib.suppress(OSError):
                 (workdir / SOCKET_NAME).unlink()
         reader, writer = await asyncio.open_unix_connection(sock=connection)
-        worker = Worker(job, devices, running, reader, writer, sink)
+        worker = Worker(job, devices, workdir, running, reader, writer, sink)
         hello = await _read_frame(reader)
         if hello is None or "ready" not in hello[0]:
             worker.stop("it did not say hello")
@@ -329,6 +336,8 @@ class FunctionWorkers:
         if worker.idle_timer is not None:
             worker.idle_timer.cancel()
         worker.writer.close()
+        # Its process tree is gone (the runner's wait says so): nothing writes there any more.
+        shutil.rmtree(worker.workdir, ignore_errors=True)
 
     async def close(self) -> None:
         """Stop every worker and wait until they are gone."""

@@ -50,6 +50,10 @@ RENEW_RETRY_MAX = 30.0  # seconds between tries to renew the node certificate
 DEFAULT_TASK_DISK = 4 * 1024**3  # what one task's work directory may take on the host's disk
 DEFAULT_TASK_LOG = 64 * 1024**2  # output of one attempt kept and sent; the rest is dropped
 STARTED_LINGER_S = 0.01  # how long a "started" may wait for company in a report
+# How long an "ended" may wait for company while more tasks wait on this node (prefetched):
+# their ends then share a report and the coordinator's commit. A node with nothing waiting
+# sends an end at once, so a lone task's caller hears of it without delay.
+BUSY_ENDED_LINGER_S = 0.005
 REDISCOVER_AFTER = 2  # failed tries in a row before an agent found by mDNS looks again
 REDISCOVER_SECONDS = 3.0
 
@@ -564,7 +568,8 @@ class Agent:
                 "message": outcome.message,
                 "outputs": {n: base64.b64encode(d).decode() for n, d in outputs.items()},
                 "result": None if result is None else base64.b64encode(result).decode(),
-            }
+            },
+            linger=BUSY_ENDED_LINGER_S if self.admission.waiting else 0.0,
         )
         self.running.pop(ref, None)
         shutil.rmtree(workdir, ignore_errors=True)

@@ -349,3 +349,25 @@ def test_a_worker_past_its_memory_high_water_mark_is_replaced(executor: MeshExec
     heavy = calls.submit(keep_memory, 230).result(timeout=60)
     after = {calls.submit(worker_token).result(timeout=60) for _ in range(6)}
     assert heavy not in after  # that worker exited after answering; fresh ones took over
+
+
+def test_map_timeout_counts_from_the_call_and_cancels_the_rest(executor: MeshExecutor) -> None:
+    results = executor.map(slow, [0.0, 5.0, 5.0, 5.0], timeout=1.5)
+    assert next(results) is None
+    with pytest.raises(TimeoutError):
+        next(results)
+
+
+def always_fails() -> None:
+    raise ValueError("not this time")
+
+
+def test_retries_run_a_failing_call_again_before_it_fails(
+    executor: MeshExecutor, client: Client
+) -> None:
+    future = executor.options(retries=2, name="retried").submit(always_fails)
+    with pytest.raises(ValueError, match="not this time"):
+        future.result(timeout=120)
+    job_id = next(j for j in executor.job_ids() if client.job(j, tasks=False).name == "retried")
+    attempts = client.attempts(job_id, 0)
+    assert [a.state for a in attempts] == ["failed", "failed", "failed"]

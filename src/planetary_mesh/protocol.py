@@ -18,6 +18,7 @@ MAX_OUTPUT_BYTES = 16 * 1024 * 1024  # per task, all collected files together
 MAX_LOG_BYTES = 1024**3  # per attempt, the most output the coordinator stores, whatever agents do
 LOG_MARKER_ROOM = 1024  # past an agent's own log limit, for its "truncated" line
 MAX_GPUS = 64  # a task may ask for this many whole GPUs at most
+MAX_TASKS_PER_JOB = 10_000_000  # an executor's calls over its life (an array: MAX_ARRAY)
 MAX_CALL_BYTES = 8 * 1024 * 1024  # one function call: the pickled function and arguments
 MAX_RESULT_BYTES = 8 * 1024 * 1024  # one call's pickled result (or its error record)
 PYTHON_VERSION = r"^3\.[0-9]{1,2}$"
@@ -155,7 +156,7 @@ class CallUpdates(Strict):
 
 
 class TasksCancel(Strict):
-    indices: list[Annotated[int, Field(ge=0, lt=MAX_ARRAY * 1000)]] = Field(
+    indices: list[Annotated[int, Field(ge=0, lt=MAX_TASKS_PER_JOB)]] = Field(
         min_length=1, max_length=MAX_ARRAY
     )
 

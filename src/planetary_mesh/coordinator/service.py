@@ -40,6 +40,7 @@ from planetary_mesh.protocol import (
     MAX_LOG_BYTES,
     MAX_OUTPUT_BYTES,
     MAX_RESULT_BYTES,
+    MAX_TASKS_PER_JOB,
     CallsAdd,
     Ended,
     FunctionSubmit,
@@ -60,7 +61,6 @@ from planetary_mesh.store.sqlite import SQLiteStore
 log = logging.getLogger(__name__)
 
 ASSIGN_MESSAGE_BYTES = 16 * 1024 * 1024  # of calls in one message to an agent (its limit: 64)
-MAX_TASKS_PER_JOB = 10_000_000  # an executor's calls over its life
 
 # Ends that are the task's own doing count against its retries; the rest requeue it for free.
 _COUNTS_AGAINST_RETRIES = {

@@ -16,7 +16,6 @@ import logging
 import random
 import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from planetary_mesh.pki import certs, tls
 from planetary_mesh.protocol import MAX_LOG_BYTES, MAX_OUTPUT_BYTES, MAX_REQUEST_BYTES
 from planetary_mesh.sandbox.limits import Limits
 from planetary_mesh.sandbox.runner import EndReason, Runner, RunningTask, TaskLaunch, TaskOutcome
+from planetary_mesh.sandbox.scratch import make_scratch
 from planetary_mesh.units import format_size
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ class Agent:
         self.task_log = min(task_log, MAX_LOG_BYTES)
         # Task work directories live outside the data dir (which holds the node's key and may
         # sit in a private home): a folder the task user may pass through but not list.
-        self.work_root = Path(tempfile.mkdtemp(prefix="planetary-mesh-work-"))
+        self.work_root = make_scratch("work")
         self.work_root.chmod(0o711)
         self.runner = runner
         self.functions = FunctionWorkers(

@@ -15,13 +15,13 @@ import os
 import shutil
 import stat
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import cloudpickle
 import tblib
 
+from planetary_mesh.sandbox.scratch import make_scratch
 from planetary_mesh.sandbox.user import TaskUser
 
 WORKER_SCRIPT = Path(__file__).parent.parent / "sandbox" / "py_worker.py"
@@ -51,7 +51,7 @@ class PythonEnv:
 
 def prepare(sandboxed: bool, user: TaskUser | None) -> PythonEnv:
     """Stage the worker's code and choose its interpreter."""
-    support = Path(tempfile.mkdtemp(prefix="planetary-mesh-python-"))
+    support = make_scratch("python")
     support.chmod(0o755)
     shutil.copyfile(WORKER_SCRIPT, support / WORKER_SCRIPT.name)
     for module in (cloudpickle, tblib):

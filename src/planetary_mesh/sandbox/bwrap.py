@@ -50,6 +50,7 @@ from planetary_mesh.sandbox.runner import (
     TaskLaunch,
     TaskOutcome,
 )
+from planetary_mesh.sandbox.scratch import make_scratch
 from planetary_mesh.sandbox.user import TaskUser
 from planetary_mesh.sandbox.warm import (
     LAUNCHER,
@@ -101,7 +102,7 @@ class BwrapRunner:
         # bwrap binds the launcher after it has dropped to the task user, so the package's own
         # copy may sit where that user cannot look (a venv in a private home): bind a copy that
         # root owns and everyone may read instead.
-        self._launcher_dir = Path(tempfile.mkdtemp(prefix="planetary-mesh-launcher-"))
+        self._launcher_dir = make_scratch("launcher")
         self._launcher_dir.chmod(0o711)
         self.launcher = self._launcher_dir / LAUNCHER.name
         shutil.copyfile(LAUNCHER, self.launcher)

@@ -1,5 +1,5 @@
 """A watchdog beside a root agent: when the agent dies, however it dies, kill what is left in its
-task cgroups.
+task cgroups, and remove its folders in the temporary directory (scratch.py).
 
 bwrap's own "die with parent" signal lives in a process the task can reach (the sandbox's first
 process, same user): a task could switch it off and outlive a kill -9 of its agent. This process
@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 from planetary_mesh.sandbox.limits import reap_stale_task_cgroups
+from planetary_mesh.sandbox.scratch import gone, sweep_scratch
 
 
 def start_reaper(tag: str) -> int:
@@ -38,6 +39,8 @@ def main() -> None:
     while os.read(fd, 4096):
         pass  # nothing is ever written: EOF means the agent is gone (or closed its runner)
     reap_stale_task_cgroups(agent_pid, tag=tag)
+    if gone(agent_pid):  # dead, not just closing its runner (then it removes its own)
+        sweep_scratch(agent_pid)
 
 
 if __name__ == "__main__":

@@ -224,6 +224,7 @@ def default_runner(allow_unsandboxed: bool, warm: str = "auto") -> Runner:
     from planetary_mesh.sandbox.bwrap import BwrapRunner, bwrap_problem
     from planetary_mesh.sandbox.limits import detect_cgroups, reap_stale_task_cgroups
     from planetary_mesh.sandbox.plain import PlainRunner
+    from planetary_mesh.sandbox.scratch import sweep_scratch
     from planetary_mesh.sandbox.user import task_user
     from planetary_mesh.sandbox.warm import WarmMode
 
@@ -239,6 +240,7 @@ def default_runner(allow_unsandboxed: bool, warm: str = "auto") -> Runner:
             stale = reap_stale_task_cgroups()
             if stale:
                 log.warning("killed %d processes left behind by agents that died", stale)
+            sweep_scratch()  # folders of agents that died outright
             return BwrapRunner(executable, user, detect_cgroups(), WarmMode(warm))
     if not allow_unsandboxed:
         raise SandboxError(

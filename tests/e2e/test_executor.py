@@ -129,7 +129,8 @@ def test_shutdown_with_cancel_futures_runs_what_started_and_drops_the_rest(
     client: Client,
 ) -> None:
     executor = MeshExecutor(client, name="shutdown-cancel")
-    busy = [executor.submit(slow, 2.0, n) for n in range(2)]
+    # Long enough that, on a loaded machine too, nothing queued starts before the shutdown.
+    busy = [executor.submit(slow, 6.0, n) for n in range(2)]
     wait_for(lambda: all(f.running() for f in busy), 60, "both calls to start")
     waiting = [executor.submit(square, n) for n in range(5)]
     (job_id,) = executor.job_ids()

@@ -4,10 +4,10 @@ interval (and lease); as they are lost, a shorter one. Real SQLite, fake session
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+
+from service_helpers import messages
 
 from planetary_mesh.coordinator.service import CoordinatorService
-from planetary_mesh.coordinator.sessions import AgentSession
 from planetary_mesh.core.liveness import LivenessPolicy
 from planetary_mesh.pki import certs
 from planetary_mesh.protocol import Hello
@@ -20,15 +20,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def _messages(session: AgentSession, kind: str) -> list[dict[str, Any]]:
-    found = []
-    while not session.outbox.empty():
-        message = session.outbox.get_nowait()
-        if message is not None and message["type"] == kind:
-            found.append(message)
-    return found
 
 
 def test_the_interval_stretches_to_keep_the_mesh_under_its_beat_cap(tmp_path: Path) -> None:
@@ -48,12 +39,12 @@ def test_the_interval_stretches_to_keep_the_mesh_under_its_beat_cap(tmp_path: Pa
         )  # fmt: skip
         sessions.append(service.agent_connected(node_id, hello))
     # The last to join was welcomed with the stretched interval: 8 nodes / 4 beats per second.
-    (welcome,) = _messages(sessions[-1], "welcome")
+    (welcome,) = messages(sessions[-1], "welcome")
     assert welcome["heartbeat_interval"] == 2.0
     # The lease stretches too, ending one beat before the node would be declared lost.
     assert welcome["lease"] == policy.silence_limits(8)[1] - 2.0
     # The first was told each time the interval grew past the base.
-    timings = _messages(sessions[0], "timing")
+    timings = messages(sessions[0], "timing")
     assert [t["heartbeat_interval"] for t in timings] == [1.25, 1.5, 1.75, 2.0]
     assert 8 / timings[-1]["heartbeat_interval"] <= policy.max_cluster_heartbeats
 
@@ -62,5 +53,5 @@ def test_the_interval_stretches_to_keep_the_mesh_under_its_beat_cap(tmp_path: Pa
         service.agent_disconnected(session)
     clock.now += policy.lost_after_disconnect
     service.check_liveness()
-    timings = _messages(sessions[0], "timing")
+    timings = messages(sessions[0], "timing")
     assert timings and timings[-1]["heartbeat_interval"] == 1.0

@@ -616,9 +616,8 @@ class Agent:
                 timeout=job.timeout,
                 network=job.network,
                 limits=Limits(memory=job.memory, cpus=job.cpus, disk=self.task_disk),
-                # Tasks of one job may share a warm sandbox on this agent (the runner decides);
-                # not tasks that hold GPUs: each sees only its own devices.
-                share=None if devices else job_id,
+                # Tasks of one job may share a warm sandbox on this agent (the runner decides).
+                share=job_id,
                 share_size=job.count,
                 devices=gpu_device_files(devices),
             )

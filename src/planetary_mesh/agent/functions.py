@@ -65,6 +65,18 @@ class CallJob:
     env: dict[str, str]
 
 
+class OutputSwitch:
+    """Where a worker's raw output goes: the log of the call it runs now, nowhere between
+    calls (what a call prints through Python comes back with its answer instead)."""
+
+    def __init__(self) -> None:
+        self.target: OutputSink | None = None
+
+    def __call__(self, data: bytes) -> None:
+        if self.target is not None:
+            self.target(data)
+
+
 class Worker:
     """One worker process and the socket to it; ``devices``: the GPUs it was started with (its
     calls are those that hold exactly these)."""
@@ -77,7 +89,7 @@ class Worker:
         running: RunningTask,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        on_output: list[OutputSink | None],
+        output: OutputSwitch,
     ) -> None:
         self.job = job
         self.devices = devices
@@ -88,11 +100,11 @@ class Worker:
         self.busy = False
         self.retired = False
         self.idle_timer: asyncio.TimerHandle | None = None
-        self._on_output = on_output  # where its raw output goes: the current call's log
+        self._output = output
         self.ended: asyncio.Task[TaskOutcome] = asyncio.ensure_future(running.wait())
 
     def attach(self, sink: OutputSink | None) -> None:
-        self._on_output[0] = sink
+        self._output.target = sink
 
     def stop(self, why: str) -> None:
         self.retired = True
@@ -238,13 +250,7 @@ class FunctionWorkers:
             listener.bind(str(workdir / SOCKET_NAME))
             listener.listen(1)
             listener.setblocking(False)
-            sink: list[OutputSink | None] = [None]
-
-            def on_output(data: bytes) -> None:
-                target = sink[0]
-                if target is not None:
-                    target(data)
-
+            output = OutputSwitch()
             launch = TaskLaunch(
                 argv=(
                     self.env.python,
@@ -259,15 +265,14 @@ class FunctionWorkers:
                 timeout=None,
                 network=job.network,
                 limits=Limits(memory=job.memory, cpus=job.cpus, disk=self.task_disk),
-                # Workers of one job share its warm sandbox, where there is one; not those
-                # that hold GPUs: each sees only its own devices.
-                share=None if devices else job.job_id,
+                # Workers of one job share its warm sandbox, where there is one.
+                share=job.job_id,
                 share_size=2,
                 ro_binds=self.env.ro_binds,
                 devices=gpu_device_files(devices),
             )
             try:
-                running = await self.runner.start(launch, on_output)
+                running = await self.runner.start(launch, output)
                 connection = await self._accept(listener, running, workdir)
             except BaseException:
                 shutil.rmtree(workdir, ignore_errors=True)  # it never ran, or is gone already
@@ -277,7 +282,7 @@ class FunctionWorkers:
             with contextlib.suppress(OSError):
                 (workdir / SOCKET_NAME).unlink()
         reader, writer = await asyncio.open_unix_connection(sock=connection)
-        worker = Worker(job, devices, workdir, running, reader, writer, sink)
+        worker = Worker(job, devices, workdir, running, reader, writer, output)
         hello = await _read_frame(reader)
         if hello is None or "ready" not in hello[0]:
             worker.stop("it did not say hello")

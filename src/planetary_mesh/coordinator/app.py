@@ -249,10 +249,7 @@ def create_app(service: CoordinatorService) -> FastAPI:
     ) -> CallUpdates:
         """The job's tasks that started or ended since cursor ``after``, with the results of
         those that ended; a long poll of up to ``wait`` seconds while there are none."""
-        seq = service.store.job_seq(job_id)
-        if seq is None:
-            service.job(job_id)  # raises NotFound, in words
-        assert seq is not None
+        seq = service.job_seq(job_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:

@@ -14,7 +14,7 @@ import logging
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
@@ -196,41 +196,20 @@ class CoordinatorService:
         except ValueError as exc:
             raise RequestRejected(f"an input file is not valid base64: {exc}", 422) from exc
         spec = JobSpec(
-            name=body.name,
             argv=tuple(body.argv),
-            env=dict(body.env),
-            cpus=body.cpus,
-            memory=body.memory,
-            timeout=body.timeout,
-            retries=body.retries,
             count=body.count,
-            priority=body.priority,
             outputs=tuple(body.outputs),
-            network=body.network,
-            gpus=body.gpus,
+            **_shared_spec(body),
         )
         return self._add_job(owner, spec, files, ())
 
     def submit_function(self, owner: str, body: FunctionSubmit) -> Job:
         """A job of Python function calls: one task per call, more may be added later."""
-        spec = JobSpec(
-            name=body.name,
-            argv=(),
-            env=dict(body.env),
-            cpus=body.cpus,
-            memory=body.memory,
-            timeout=body.timeout,
-            retries=body.retries,
-            count=len(body.calls),
-            priority=body.priority,
-            network=body.network,
-            python=body.python,
-            gpus=body.gpus,
-        )
+        spec = JobSpec(argv=(), count=len(body.calls), python=body.python, **_shared_spec(body))
         return self._add_job(owner, spec, {}, _decode_calls(body.calls))
 
     def _add_job(
-        self, owner: str, spec: JobSpec, files: dict[str, bytes], calls: list[bytes] | tuple[()]
+        self, owner: str, spec: JobSpec, files: dict[str, bytes], calls: Sequence[bytes]
     ) -> Job:
         job_id = secrets.token_hex(5)
         now = self.clock()
@@ -291,6 +270,13 @@ class CoordinatorService:
                 session.send(_cancel_message([assignment], f"cancelled by {by}"))
         if killed:
             self.kick()
+
+    def job_seq(self, job_id: str) -> int:
+        """The job's store sequence (what its calls are followed by); NotFound in words."""
+        seq = self.store.job_seq(job_id)
+        if seq is None:
+            raise NotFound(f"no job {job_id!r}: `mesh jobs` lists the jobs this mesh knows")
+        return seq
 
     def job(self, job_id: str) -> Job:
         job = self.store.job(job_id)
@@ -873,6 +859,21 @@ def _assign_message(
             for a in assignments
             if a.task_id in payloads
         },
+    }
+
+
+def _shared_spec(body: JobSubmit | FunctionSubmit) -> dict[str, Any]:
+    """What a command job and a job of calls declare alike, as JobSpec takes it."""
+    return {
+        "name": body.name,
+        "env": dict(body.env),
+        "cpus": body.cpus,
+        "memory": body.memory,
+        "timeout": body.timeout,
+        "retries": body.retries,
+        "priority": body.priority,
+        "network": body.network,
+        "gpus": body.gpus,
     }
 
 

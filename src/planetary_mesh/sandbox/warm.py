@@ -429,7 +429,9 @@ class WarmPool:
         """The task started in its job's warm sandbox; None: start it in a fresh one. A job's
         first launch here makes its warm sandbox: in the background (auto), or waiting for it
         (always)."""
-        if launch.share is None or not self.enabled or self.mode is WarmMode.OFF:
+        # A warm sandbox is made once for a job's tasks: it cannot show each task only its own
+        # devices (a GPU's), so those tasks get fresh sandboxes.
+        if launch.share is None or launch.devices or not self.enabled or self.mode is WarmMode.OFF:
             return None
         if self.mode is WarmMode.AUTO and launch.share_size < 2:
             return None

@@ -632,7 +632,8 @@ class SQLiteStore(CallRecords, StoreReads):
                     db, task_id, attempt, epoch, node_id, reason, exit_code, killed
                 )
             state, failures = current.state, current.failures
-            retries = int(json.loads(current.spec_json)["retries"])
+            spec = json.loads(current.spec_json)
+            retries = int(spec["retries"])
             if not succeeded and counts_against_retries:
                 failures += 1
             event = end_event(succeeded, counts_against_retries, failures, retries)
@@ -673,7 +674,8 @@ class SQLiteStore(CallRecords, StoreReads):
                     " started_at=COALESCE(started_at, ?), changed=? WHERE id=?",
                     (new_state.value, failures, exit_code, reason, now, now, self.stamp(), task_id),
                 )
-                self.record_call_end(db, task_id, end_kind, result)
+                if spec.get("python") is not None:  # a function call: its caller reads these
+                    self.record_call_end(db, task_id, end_kind, result)
             db.executemany(
                 "INSERT OR REPLACE INTO outputs (task_id, name, data) VALUES (?, ?, ?)",
                 ((task_id, name, data) for name, data in outputs.items()),

@@ -389,7 +389,43 @@ def test_the_launcher_bound_is_a_copy_the_task_user_can_reach(
     assert runner.launcher != LAUNCHER and runner.launcher.read_bytes() == LAUNCHER.read_bytes()
     assert runner.launcher.stat().st_mode & 0o777 == 0o644
     assert runner.launcher.parent.stat().st_mode & 0o777 == 0o711
-    command = runner.warm_command(jobs.root, False, (), "/usr/bin/python3", 3, 4)
+    command = runner.warm_command(jobs.root, False, (), "/usr/bin/python3", [3, 5], 4)
     assert command[command.index(LAUNCHER_INSIDE) - 1] == str(runner.launcher)
     runner.close()
     assert not runner.launcher.exists()  # nothing left once the runner closes
+
+
+def test_a_clean_task_cgroup_is_reused_and_one_with_leftovers_or_an_oom_is_not(
+    jobs: Jobs, task_account: TaskUser
+) -> None:
+    # Reusing a finished task's cgroup saves making and removing one per task; the next task
+    # must still find it as a fresh one would be: nothing charged to it, no OOM on record.
+    limits = Limits(memory=96 * MIB, cpus=1)
+
+    async def memory_cgroup(runner: BwrapRunner, script: str = "") -> tuple[TaskOutcome, str]:
+        task = launch(jobs, "job", f"{script} grep memory /proc/self/cgroup", limits=limits)
+        return await run(runner, task)
+
+    async def scenario(runner: BwrapRunner) -> None:
+        _, first = await memory_cgroup(runner)
+        _, second = await memory_cgroup(runner)
+        assert first.strip() and first == second  # reused
+
+        hog = "python3 -c 'x = bytearray(200 * 2**20)';"
+        outcome, after_oom = await memory_cgroup(runner, hog)
+        assert outcome.reason is EndReason.OOM
+        assert first in after_oom  # the OOM happened in the reused cgroup
+        outcome, fresh = await memory_cgroup(runner)
+        assert (outcome.reason, outcome.exit_code) == (EndReason.EXITED, 0), outcome
+        assert fresh != first  # the OOM-killed one was not given to another task
+
+        # 48 MiB left in the job's shared /dev/shm stay charged to the cgroup that wrote them.
+        outcome, wrote = await memory_cgroup(runner, "head -c 50331648 /dev/zero >/dev/shm/x;")
+        assert outcome.exit_code == 0 and wrote == fresh
+        # So the next task gets another cgroup, with the whole of its memory to use.
+        use = "python3 -c 'x = bytearray(56 * 2**20); print(len(x))';"
+        outcome, output = await memory_cgroup(runner, use)
+        assert (outcome.reason, outcome.exit_code) == (EndReason.EXITED, 0), (outcome, output)
+        assert str(56 * MIB) in output and fresh not in output
+
+    drive(jobs, task_account, WarmMode.ALWAYS, scenario)

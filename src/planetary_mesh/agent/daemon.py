@@ -572,7 +572,10 @@ class Agent:
             linger=BUSY_ENDED_LINGER_S if self.admission.waiting else 0.0,
         )
         self.running.pop(ref, None)
-        shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            workdir.rmdir()  # most tasks leave nothing behind, and rmtree costs a lot more
+        except OSError:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     async def _start_and_wait(
         self,

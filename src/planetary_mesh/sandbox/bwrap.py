@@ -190,17 +190,18 @@ class BwrapRunner:
         network: bool,
         ro_binds: tuple[str, ...],
         python: str,
-        control_fd: int,
+        launcher_fds: list[int],
         status_fd: int,
     ) -> list[str]:
         """The bwrap command line of a warm sandbox: its launcher as PID 1, and the folder that
-        holds its tasks' work directories at /work."""
+        holds its tasks' work directories at /work. ``launcher_fds``: its control socket, then its
+        own cgroup.procs files (see warm_launcher.py)."""
         argv = [*self._bwrap(status_fd), *self._namespaces(network), "--as-pid-1"]
         argv += ["--bind", str(jobdir.resolve()), "/work", "--chdir", "/work"]
         argv += ["--ro-bind", str(self.launcher), LAUNCHER_INSIDE]
         argv += _read_only_binds(ro_binds)
         argv += [*self._READ_ONLY, "--clearenv", "--", python, "-I", "-S"]
-        return [*argv, LAUNCHER_INSIDE, str(control_fd)]
+        return [*argv, LAUNCHER_INSIDE, *(str(fd) for fd in launcher_fds)]
 
     async def start(self, launch: TaskLaunch, on_output: OutputSink) -> RunningTask:
         launch.check_workdir()

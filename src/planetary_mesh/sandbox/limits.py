@@ -28,6 +28,9 @@ DEFAULT_PIDS = 1024  # processes and threads of one task
 FILE_SIZE_LIMIT = 4 * 1024**3  # one file a task writes
 OPEN_FILES_LIMIT = 4096
 USER_PROCESSES_LIMIT = 16384  # all tasks of the task user together
+# A cgroup is reused for the next task only if its last task left at most this much memory
+# charged to it (tmpfs files stay charged to the cgroup that wrote them).
+REUSE_CHARGE_LEFT = 4 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,11 @@ class TaskCgroup(Protocol):
         ...
 
     def empty(self) -> bool: ...
+
+    def reusable(self) -> bool:
+        """Whether another task may have it: nothing was OOM-killed in it and what its last
+        task left charged to it (files in a shared /tmp) is a trifle."""
+        ...
 
     def remove(self) -> None: ...
 
@@ -92,8 +100,9 @@ class _NoCgroups:
 @dataclass
 class _Group:
     dirs: list[Path]
-    memory_dir: Path | None
+    memory_dir: Path | None  # where a memory limit was set
     v2: bool
+    usage_file: Path | None = None  # the memory it is charged for, when memory is counted
 
     def procs_files(self) -> list[Path]:
         return [d / "cgroup.procs" for d in self.dirs]
@@ -137,6 +146,16 @@ class _Group:
     def empty(self) -> bool:
         return not self._pids()
 
+    def reusable(self) -> bool:
+        if self.oom_killed():
+            return False
+        if self.usage_file is None:
+            return True
+        try:
+            return int(self.usage_file.read_text()) <= REUSE_CHARGE_LEFT
+        except (OSError, ValueError):
+            return False
+
     def remove(self) -> None:
         for d in self.dirs:
             with contextlib.suppress(OSError):
@@ -170,11 +189,13 @@ class CgroupV1:
             return None
         name = f"t{next(self._ids)}"
         dirs: list[Path] = []
-        memory_dir = None
+        memory_dir = usage_file = None
         for controller, base in self._bases.items():
             d = base / name
             d.mkdir()
             dirs.append(d)
+            if controller == "memory":
+                usage_file = d / "memory.usage_in_bytes"
             if controller == "memory" and limits.memory is not None:
                 memory_dir = d
                 _write(d / "memory.limit_in_bytes", str(limits.memory))
@@ -186,7 +207,7 @@ class CgroupV1:
                 _write(d / "cpu.cfs_quota_us", str(max(1000, int(limits.cpus * CFS_PERIOD_US))))
             elif controller == "pids" and limits.pids is not None:
                 _write(d / "pids.max", str(limits.pids))
-        return _Group(dirs, memory_dir, v2=False)
+        return _Group(dirs, memory_dir, v2=False, usage_file=usage_file)
 
     def close(self) -> None:
         for base in self._bases.values():
@@ -243,8 +264,10 @@ class CgroupV2:
             _write(d / "cpu.max", f"{quota} {CFS_PERIOD_US}")
         if "pids" in self.controllers and limits.pids is not None:
             _write(d / "pids.max", str(limits.pids))
-        memory_dir = d if "memory" in self.controllers and limits.memory is not None else None
-        return _Group([d], memory_dir, v2=True)
+        counted = "memory" in self.controllers
+        memory_dir = d if counted and limits.memory is not None else None
+        usage_file = d / "memory.current" if counted else None
+        return _Group([d], memory_dir, v2=True, usage_file=usage_file)
 
     def close(self) -> None:
         if self._base is not None:

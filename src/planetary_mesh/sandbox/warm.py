@@ -4,12 +4,14 @@ A fresh bwrap costs milliseconds of set-up per task; a job of many short tasks w
 it. So the first task of a job that has more than one task starts in a fresh sandbox as usual,
 and meanwhile the agent makes the job a warm one: the same namespaces, the same read-only /usr
 and private /tmp, the job's folder of work directories at /work, and a small launcher
-(warm_launcher.py) as its PID 1. Later tasks of the job are sent to that launcher, which forks
+(warm_launcher.py) as its PID 1. Later tasks of the job are sent to that launcher, which spawns
 them; each runs in its own work directory, /work/<index>-<attempt>, as in a fresh sandbox.
 
-What each task keeps of its own: its cgroup (memory, CPU, processes; the launcher's child is
-moved there before it execs, see the launcher), its rlimits, its session, its timeout and disk
-quota, and its kill: the cgroup is killed whole, daemonised children included. What the tasks of
+What each task keeps of its own: its cgroup (memory, CPU, processes; the launcher spawns the task
+from inside it, see the launcher), its rlimits, its session, its timeout and disk quota, and its
+kill: the cgroup is killed whole, daemonised children included. A task's cgroup is reused by the
+job's next task with the same limits when it is left clean (nothing OOM-killed, next to nothing
+charged): making and removing one costs more than starting the task. What the tasks of
 one job on one agent share: /tmp, /dev/shm, the PID and network namespaces, and the uid. They
 belong to one user and one job, as Ray's or Dask's tasks share a worker; different jobs never
 share a sandbox.
@@ -30,7 +32,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 import sys
 from collections.abc import Callable
 from enum import StrEnum
@@ -44,7 +45,6 @@ from planetary_mesh.sandbox.bwrap_spawn import (
     abandon,
     close_fd,
     kill,
-    pidfd_open,
     readable,
     sandbox_init_pidfd,
     spawn_bwrap,
@@ -74,7 +74,7 @@ LAUNCHER_LIMITS = Limits(memory=128 * 1024 * 1024, pids=256)
 MAX_REQUEST_BYTES = 128 * 1024  # a launch this large (a huge environment) gets a fresh sandbox
 TREE_GONE_TIMEOUT_S = 30.0  # a process stuck in the kernel (D state) can hold its cgroup up
 CGROUP_POLL_S = 0.005  # killed processes leave their cgroup within milliseconds
-_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+MAX_SPARE_CGROUPS = 4  # per warm sandbox and limits: a clean task cgroup is reused
 
 
 class WarmMode(StrEnum):
@@ -104,7 +104,8 @@ class WarmSandbox:
     def __init__(
         self,
         jobdir: Path,
-        command: Callable[[int, int], list[str]],  # (control fd, status fd) -> bwrap argv
+        # (the launcher's descriptors: control socket, home cgroup.procs; status fd) -> argv
+        command: Callable[[list[int], int], list[str]],
         cgroups: CgroupBackend,
         executable: str,
         idle_s: float,
@@ -123,7 +124,9 @@ class WarmSandbox:
         self._spawned: Spawned | None = None
         self._launcher_pidfd: int | None = None
         self._control: socket.socket | None = None
+        self._starts: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._exits: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._spare_cgroups: dict[Limits, list[TaskCgroup]] = {}
         self._ids = itertools.count(1)
         self.active = 0  # tasks starting or running in it
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -135,26 +138,32 @@ class WarmSandbox:
             self._group = self._cgroups.create(LAUNCHER_LIMITS)
         except OSError as error:
             raise SandboxError(f"cannot make the warm sandbox's cgroup: {error}") from error
+        if self._group is None:
+            raise SandboxError("a warm sandbox needs task cgroups, and there are none")
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._control = mine
         mine.setblocking(False)
+        # The launcher's way home after it has spawned a task from inside the task's cgroup.
+        home = _open_procs(self._group)
         try:
             control_fd = theirs.fileno()
             self._spawned = await spawn_bwrap(
-                lambda status_fd: self._command(control_fd, status_fd),
+                lambda status_fd: self._command([control_fd, *home], status_fd),
                 functools.partial(ProcessPipes, self._log_output),
                 self._group,
                 self._executable,
-                pass_fds=(control_fd,),
+                pass_fds=(control_fd, *home),
             )
         finally:
             theirs.close()
+            for fd in home:
+                os.close(fd)
         # With --as-pid-1 the process bwrap names is the launcher itself.
         self._launcher_pidfd = sandbox_init_pidfd(self._spawned.info)
         pid = self._spawned.info.get("child-pid")
         self.launcher_pid = pid if isinstance(pid, int) else None
         try:
-            hello, _ = await asyncio.wait_for(_receive(mine), SETUP_TIMEOUT_S)
+            hello = await asyncio.wait_for(_receive(mine), SETUP_TIMEOUT_S)
         except TimeoutError:
             hello = b""
         if not hello:
@@ -186,74 +195,77 @@ class WarmSandbox:
         ).encode()
         if len(request) > MAX_REQUEST_BYTES:
             raise WarmUnavailable("the launch is too large to send")
-        try:
-            group = self._cgroups.create(launch.limits or Limits())
-        except OSError as error:
-            raise SandboxError(f"cannot make the task's cgroup: {error}") from error
-        if group is None:
-            raise WarmUnavailable("no cgroup for the task")
+        limits = launch.limits or Limits()
+        group = self._task_cgroup(limits)
         loop = asyncio.get_running_loop()
+        answered: asyncio.Future[dict[str, Any]] = loop.create_future()
         exited: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._starts[task_id] = answered
         self._exits[task_id] = exited
         self._task_started()
         out_read = -1
-        mine: socket.socket | None = None
         started = False
         try:
             out_read, out_write = os.pipe()
-            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            mine.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            mine.setblocking(False)
+            sent = [out_write]
             try:
-                socket.send_fds(self._control, [request], [out_write, theirs.fileno()])
+                sent += _open_procs(group)
+                socket.send_fds(self._control, [request], sent)
             except OSError as error:  # full (BlockingIOError) or the launcher is gone
                 raise WarmUnavailable(f"cannot reach the launcher: {error}") from error
             finally:
-                os.close(out_write)
-                theirs.close()
-            running = await self._handshake(mine, group, exited)
+                for fd in sent:
+                    os.close(fd)
+            try:
+                reply = await asyncio.wait_for(asyncio.shield(answered), SETUP_TIMEOUT_S)
+            except TimeoutError as error:
+                self.close()  # a launcher that does not answer is of no more use
+                raise WarmUnavailable("the launcher did not start the task") from error
+            if "failed" in reply:
+                raise SandboxError(str(reply["failed"]))
+            pid = reply.get("started")
+            if not isinstance(pid, int):
+                raise WarmUnavailable(
+                    f"the launcher did not start the task ({reply.get('error') or 'gone'})"
+                )
             transport, pipes = await loop.connect_read_pipe(
                 functools.partial(OutputPipe, on_output),
                 open(out_read, "rb", buffering=0),  # noqa: SIM115 - the transport closes it
             )
             started = True
-            return _WarmTask(launch, running, pipes, transport, group, exited, self)
+            return _WarmTask(launch, pid, pipes, transport, group, limits, exited, self)
         finally:
-            if mine is not None:
-                mine.close()
+            self._starts.pop(task_id, None)
             if not started:
                 if out_read >= 0:
                     os.close(out_read)
                 self._exits.pop(task_id, None)
-                abandon(group)  # kills the forked child, if there is one
+                abandon(group)  # kills the spawned child, if there is one
                 self.task_done()
 
-    async def _handshake(
-        self, sync: socket.socket, group: TaskCgroup, exited: asyncio.Future[dict[str, Any]]
-    ) -> int:
-        """Move the forked child into its cgroup, let it exec; returns its host pid."""
+    def _task_cgroup(self, limits: Limits) -> TaskCgroup:
+        """A cgroup for a task with ``limits``: one a finished task of this sandbox left clean,
+        or a new one."""
+        spare = self._spare_cgroups.get(limits)
+        if spare:
+            return spare.pop()
         try:
-            first, pid = await asyncio.wait_for(_receive(sync), SETUP_TIMEOUT_S)
-        except TimeoutError as error:
-            raise WarmUnavailable("the launcher did not fork the task") from error
-        if first.startswith(b"e"):
-            raise SandboxError(first[1:].decode(errors="replace"))
-        if first != b"r" or pid is None:
-            # The launcher could not fork (it said why) or is gone.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(exited), 0.5)
-            reason = exited.result().get("error") if exited.done() else None
-            raise WarmUnavailable(f"the launcher did not start the task ({reason or 'gone'})")
-        for path in group.procs_files():
-            path.write_text(str(pid))
-        sync.send(b"g")
-        try:
-            second, _ = await asyncio.wait_for(_receive(sync), SETUP_TIMEOUT_S)
-        except TimeoutError as error:
-            raise SandboxError(f"the task did not exec in {SETUP_TIMEOUT_S:g}s") from error
-        if second:  # "e<reason>": exec failed; close-on-exec EOF means it runs
-            raise SandboxError(second[1:].decode(errors="replace"))
-        return pid
+            group = self._cgroups.create(limits)
+        except OSError as error:
+            raise SandboxError(f"cannot make the task's cgroup: {error}") from error
+        if group is None:
+            raise WarmUnavailable("no cgroup for the task")
+        return group
+
+    def give_back(self, group: TaskCgroup, limits: Limits) -> None:
+        """A finished task's cgroup, empty: kept for the next task with the same limits when
+        nothing of the last one stays charged to it, removed otherwise. Making and removing a
+        cgroup (in three hierarchies on v1) costs more than starting the task itself."""
+        spare = self._spare_cgroups.setdefault(limits, [])
+        if self.closed or len(spare) >= MAX_SPARE_CGROUPS or not group.reusable():
+            group.remove()
+        else:
+            spare.append(group)
 
     def _on_control(self) -> None:
         assert self._control is not None
@@ -270,7 +282,10 @@ class WarmSandbox:
                 return
             try:
                 record = json.loads(message)
-                waiter = self._exits.pop(int(record["id"]), None)
+                task_id = int(record["id"])
+                # Its start's answer comes first, then, once it has ended, its exit status.
+                waiters = self._exits if "status" in record else self._starts
+                waiter = waiters.pop(task_id, None)
             except (ValueError, KeyError, TypeError):
                 log.warning("the warm sandbox's launcher said %r", message[:200])
                 continue
@@ -305,10 +320,15 @@ class WarmSandbox:
         self.ready = False
         if self._idle_timer is not None:
             self._idle_timer.cancel()
-        for waiter in self._exits.values():
+        for waiter in (*self._starts.values(), *self._exits.values()):
             if not waiter.done():
                 waiter.set_result({"lost": True})
+        self._starts.clear()
         self._exits.clear()
+        for spare in self._spare_cgroups.values():
+            for group in spare:
+                group.remove()
+        self._spare_cgroups.clear()
         if self._control is not None:
             with contextlib.suppress(ValueError, RuntimeError):
                 asyncio.get_running_loop().remove_reader(self._control.fileno())
@@ -328,8 +348,8 @@ class WarmSandbox:
 
 
 class _WarmTask(SupervisedTask):
-    """A task the launcher forked: its exit status comes from the launcher, its tree is its
-    cgroup."""
+    """A task the launcher spawned: its exit status comes from the launcher, its tree is its
+    cgroup. ``pid`` is its pid inside the sandbox (for messages only)."""
 
     def __init__(
         self,
@@ -338,15 +358,15 @@ class _WarmTask(SupervisedTask):
         pipes: OutputPipe,
         transport: asyncio.ReadTransport,
         group: TaskCgroup,
+        limits: Limits,
         exited: asyncio.Future[dict[str, Any]],
         sandbox: WarmSandbox,
     ) -> None:
         self._transport = transport
         self._group = group
+        self._limits = limits
         self._exit = exited
         self._sandbox = sandbox
-        self._memory = launch.limits.memory if launch.limits else None
-        self._pidfd = pidfd_open(pid)
         self._lost = False
         exited.add_done_callback(lambda _: pipes.process_exited())
         super().__init__(launch, pid, pipes)
@@ -362,15 +382,11 @@ class _WarmTask(SupervisedTask):
         self._transport.close()
 
     def _kill_tree(self) -> None:
-        kill(self._pidfd)
         self._group.kill()
 
     async def _wait_tree_gone(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + TREE_GONE_TIMEOUT_S
-        if self._pidfd is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(readable(self._pidfd), TREE_GONE_TIMEOUT_S)
         while not self._group.empty():
             if loop.time() > deadline:
                 log.error("task %d: processes of it survive SIGKILL; giving up", self.pid)
@@ -380,7 +396,7 @@ class _WarmTask(SupervisedTask):
 
     def _outcome_of(self, returncode: int) -> TaskOutcome:
         if self._group.oom_killed():
-            return TaskOutcome.out_of_memory(self._memory)
+            return TaskOutcome.out_of_memory(self._limits.memory)
         if self._lost:
             return TaskOutcome(
                 EndReason.SIGNALLED,
@@ -391,9 +407,10 @@ class _WarmTask(SupervisedTask):
         return super()._outcome_of(returncode)
 
     def _release(self) -> None:
-        self._group.remove()
-        close_fd(self._pidfd)
-        self._pidfd = None
+        if self._group.empty():
+            self._sandbox.give_back(self._group, self._limits)
+        else:
+            self._group.remove()  # fails while anything is left: the sweep at exit gets it
         self._sandbox.task_done()
 
 
@@ -404,7 +421,7 @@ class WarmPool:
         self,
         mode: WarmMode,
         python: str,
-        command: Callable[[Path, bool, tuple[str, ...], str, int, int], list[str]],
+        command: Callable[[Path, bool, tuple[str, ...], str, list[int], int], list[str]],
         cgroups: CgroupBackend,
         executable: str,
         idle_s: float = WARM_IDLE_S,
@@ -512,17 +529,25 @@ class WarmPool:
             sandbox.close()
 
 
-async def _receive(sock: socket.socket) -> tuple[bytes, int | None]:
-    """One message from a non-blocking SOCK_SEQPACKET socket (b"" at EOF), and the sender's
-    pid as this process sees it, where the socket has SO_PASSCRED."""
+async def _receive(sock: socket.socket) -> bytes:
+    """One message from a non-blocking SOCK_SEQPACKET socket (b"" at EOF)."""
     while True:
         try:
-            data, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(_CREDENTIALS.size))
+            return sock.recv(65536)
         except BlockingIOError:
             await readable(sock.fileno())
-            continue
-        pid = None
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                pid = _CREDENTIALS.unpack(payload[: _CREDENTIALS.size])[0]
-        return data, pid
+
+
+def _open_procs(group: TaskCgroup) -> list[int]:
+    """``group``'s cgroup.procs files, open for writing: whoever holds them may move itself
+    there (the kernel checks the rights of who opened them), which is how the launcher joins a
+    task's cgroup without any rights of its own."""
+    fds: list[int] = []
+    try:
+        for path in group.procs_files():
+            fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds

@@ -1,27 +1,30 @@
-"""The launcher inside a warm sandbox: PID 1 of the sandbox, it forks each task it is sent.
+"""The launcher inside a warm sandbox: PID 1 of the sandbox, it spawns each task it is sent.
 
-Not imported by the agent: it runs as ``python3 -I -S launcher.py FD`` under the host's own
-Python from /usr, inside bubblewrap, as the task user, without capabilities. So it uses only
-the standard library and runs on any Python from 3.9 on. FD is a SOCK_SEQPACKET socket to the
-agent.
+Not imported by the agent: it runs as ``python3 -I -S launcher.py CONTROL HOME...`` under the
+host's own Python from /usr, inside bubblewrap, as the task user, without capabilities. So it
+uses only the standard library and runs on any Python from 3.9 on. CONTROL is a SOCK_SEQPACKET
+socket to the agent; each HOME is the launcher's own ``cgroup.procs`` in one hierarchy, opened
+for writing by the agent.
 
 One spawn, as the agent drives it (see warm.py):
 
-1. The agent sends ``{"id", "argv", "env", "cwd"}`` with two descriptors: the write end of the
-   task's output pipe and the launcher's end of a per-task "sync" socket pair.
-2. The launcher forks. The child starts a session, takes the pipe as stdout and stderr and sends
-   one byte on the sync socket. The agent's end has SO_PASSCRED, so the kernel attaches the
-   child's pid *as the agent sees it*; the agent moves that pid into the task's cgroup and
-   answers ``g``. Only then does the child exec the command: all it ever runs is counted in its
-   own cgroup.
-3. The sync socket is close-on-exec: EOF tells the agent the command runs; a ``e<reason>``
-   message tells it the exec failed.
+1. The agent sends ``{"id", "argv", "env", "cwd"}`` with descriptors: the write end of the
+   task's output pipe, then the task's own ``cgroup.procs`` in each hierarchy, opened for
+   writing by the agent (the kernel checks a cgroup move against who *opened* the file).
+2. The launcher moves itself into the task's cgroups, spawns the command there (posix_spawn:
+   vfork and exec, a new session, signals as a fresh process has them, stdin /dev/null, the
+   pipe as stdout and stderr) and moves itself home. So all the task ever runs is counted in
+   its own cgroup from its first instruction, and no Python process is forked per task: a fork
+   of the launcher, with its copy-on-write faults, cost several times the task's own start.
+3. It answers ``{"id", "started": pid}``, or ``{"id", "failed": reason}`` when the command
+   cannot run (not found, not executable: the task's own fault), or ``{"id", "error": reason}``
+   when it could not try (the agent then starts the task in a fresh sandbox).
 4. When the child ends, the launcher sends ``{"id", "status"}`` (a wait status).
 
 As PID 1 of its namespace the launcher cannot be sent a signal it has no handler for by anything
-inside, so no task can kill it; it is made non-dumpable so no task can ptrace it either. Orphans
-are handed to it and it reaps them. When the agent closes the socket, it exits and with it the
-namespace: the kernel kills all that is left inside.
+inside, so no task can kill it; it is made non-dumpable so no task can ptrace it or open its
+descriptors either. Orphans are handed to it and it reaps them. When the agent closes the
+socket, it exits and with it the namespace: the kernel kills all that is left inside.
 """
 
 from __future__ import annotations
@@ -33,51 +36,75 @@ import select
 import signal
 import socket
 import sys
-from typing import Any, NoReturn
+from typing import Any
 
 _PR_SET_DUMPABLE = 4
-_RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGCHLD)
+# What a task starts with: the signals Python ignores or handles set back to their defaults,
+# and none blocked.
+_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGCHLD)
+_MAX_FDS = 16  # the output pipe and a cgroup.procs per hierarchy
 
 
-def _child(request: dict[str, Any], out_fd: int, sync: socket.socket) -> NoReturn:
-    """In the forked child: become the task, once the agent has it in its cgroup."""
+class _CannotTry(Exception):
+    """The launcher could not spawn the task (not the command's fault)."""
+
+
+def _join(procs_fds: list[int]) -> None:
+    for fd in procs_fds:
+        os.write(fd, b"0")  # "0": the writer itself
+
+
+def _command_path(argv: list[str], env: dict[str, str]) -> str:
+    """argv[0] as execvpe would find it: on the task's PATH unless it names a path."""
+    name = argv[0]
+    if "/" in name:
+        return name
+    for folder in env.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(folder or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError(2, "No such file or directory")
+
+
+def spawn(request: dict[str, Any], out_fd: int, task_procs: list[int], home: list[int]) -> int:
+    """Spawn the request's command in the task's cgroups; its pid. Raises OSError when the
+    command cannot run, _CannotTry when the launcher could not try."""
+    argv = request["argv"]
+    env = request["env"]
     try:
-        os.setsid()
-        for signum in _RESTORED_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
-        # Descriptors received over a socket are inheritable: the sync socket must close on
-        # exec (that EOF is the agent's "it runs"), and the task gets only 0, 1 and 2.
-        os.set_inheritable(sync.fileno(), False)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(out_fd, 1)
-        os.dup2(out_fd, 2)
-        for spare in {null, out_fd} - {0, 1, 2}:
-            os.close(spare)
-        sync.send(b"r")
-        if sync.recv(1) != b"g":
-            os._exit(127)  # the agent gave up on this task
+        _join(task_procs)
+    except OSError as error:
+        _join(home)  # a move that half happened is undone
+        raise _CannotTry("cannot join the task's cgroup: " + str(error.strerror)) from error
+    try:
         os.chdir(request["cwd"])
-        argv = request["argv"]
-        os.execvpe(argv[0], argv, request["env"])
-    except BaseException as error:  # whatever happens, the agent must hear why
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        return os.posix_spawn(
+            _command_path(argv, env),
+            argv,
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, out_fd, 1),
+                (os.POSIX_SPAWN_DUP2, out_fd, 2),
+            ],
+            setsid=True,
+            setsigmask=(),
+            setsigdef=_DEFAULT_SIGNALS,
+        )
+    finally:
+        os.chdir("/")
         try:
-            sync.send(("e" + argv_name(request) + ": " + reason).encode(errors="replace"))
-        finally:
-            os._exit(127)
-
-
-def argv_name(request: dict[str, Any]) -> str:
-    try:
-        return str(request["argv"][0])
-    except (KeyError, IndexError, TypeError):
-        return "the command"
+            _join(home)
+        except OSError:
+            os._exit(70)  # it must not stay among the task's processes: the sandbox ends
 
 
 def main() -> None:
     control = socket.socket(fileno=int(sys.argv[1]))
+    home = [int(fd) for fd in sys.argv[2:]]
+    # Passed down as inheritable; no task may get them.
+    for fd in (control.fileno(), *home):
+        os.set_inheritable(fd, False)
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # PID 1: no handler means no signal gets in
     wake_read, wake_write = os.pipe()
@@ -91,32 +118,29 @@ def main() -> None:
         if wake_read in ready:
             os.read(wake_read, 4096)
         if control.fileno() in ready:
-            message, fds, _, _ = socket.recv_fds(control, 1 << 20, 2)
+            message, fds, _, _ = socket.recv_fds(control, 1 << 20, _MAX_FDS)
             if not message:
                 os._exit(0)  # the agent is done with this sandbox
+            for fd in fds:  # received descriptors are inheritable: none may reach a task
+                os.set_inheritable(fd, False)
             request = json.loads(message)
-            if len(fds) != 2:
+            reply: dict[str, Any] = {"id": request["id"]}
+            try:
+                if len(fds) != 1 + len(home):
+                    raise _CannotTry(f"{len(fds)} descriptors sent, {1 + len(home)} expected")
+                pid = spawn(request, fds[0], fds[1:], home)
+            except _CannotTry as error:
+                reply["error"] = str(error)
+            except OSError as error:
+                reason = error.strerror or str(error)
+                reply["failed"] = str(request["argv"][0]) + ": " + reason
+            else:
+                children[pid] = request["id"]
+                reply["started"] = pid
+            finally:
                 for fd in fds:
                     os.close(fd)
-                control.send(json.dumps({"id": request["id"], "error": "no pipes"}).encode())
-                continue
-            out_fd, sync_fd = fds
-            try:
-                pid = os.fork()
-            except OSError as error:
-                os.close(out_fd)
-                os.close(sync_fd)
-                reply = {"id": request["id"], "error": "fork failed: " + str(error.strerror)}
-                control.send(json.dumps(reply).encode())
-                continue
-            if pid == 0:
-                control.close()
-                os.close(wake_read)
-                os.close(wake_write)
-                _child(request, out_fd, socket.socket(fileno=sync_fd))
-            os.close(out_fd)
-            os.close(sync_fd)
-            children[pid] = request["id"]
+            control.send(json.dumps(reply).encode())
         while children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)

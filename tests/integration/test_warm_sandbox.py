@@ -27,7 +27,13 @@ from planetary_mesh.sandbox.bwrap import BwrapRunner
 from planetary_mesh.sandbox.limits import CGROUP_ROOT, Limits, detect_cgroups, own_cgroups
 from planetary_mesh.sandbox.runner import EndReason, RunningTask, TaskLaunch, TaskOutcome
 from planetary_mesh.sandbox.user import TaskUser
-from planetary_mesh.sandbox.warm import LAUNCHER, LAUNCHER_INSIDE, WarmMode, WarmSandbox
+from planetary_mesh.sandbox.warm import (
+    LAUNCHER,
+    LAUNCHER_INSIDE,
+    SPARES,
+    WarmMode,
+    WarmSandbox,
+)
 
 MIB = 2**20
 
@@ -174,9 +180,53 @@ def test_tasks_of_a_job_share_one_warm_sandbox_each_in_its_own_directory(
         assert "Permission denied" in output  # /work lists no one's directories
         assert sandboxes(runner) == [sandbox] and sandbox.launcher_pid is not None
         assert psutil.Process(sandbox.launcher_pid).is_running()
-        # Single-task jobs do not get one in auto mode.
-        outcome, _ = await run(runner, launch(jobs, "job-single", "true", size=1))
-        assert outcome.exit_code == 0 and len(sandboxes(runner)) == 1
+
+    drive(jobs, task_account, WarmMode.AUTO, scenario)
+
+
+def test_a_new_job_takes_the_spare_sandbox_made_ahead_and_another_is_made(
+    jobs: Jobs, task_account: TaskUser
+) -> None:
+    def ready_spare(runner: BwrapRunner) -> WarmSandbox | None:
+        assert runner.warm is not None
+        return next((spare for spare in runner.warm.spares() if spare.ready), None)
+
+    async def scenario(runner: BwrapRunner) -> None:
+        # An agent that has run nothing holds no spare: an idle agent costs no more memory.
+        assert runner.warm is not None and runner.warm.spares() == []
+        outcome, output = await run(runner, launch(jobs, "job-a", "echo a > /tmp/note", size=1))
+        assert outcome.exit_code == 0, output
+        await until(lambda: ready_spare(runner) is not None, "a spare sandbox")
+        spare = ready_spare(runner)
+        assert spare is not None and sandboxes(runner) == []  # job-a ran fresh: one task
+
+        # A one-task job's first task runs in the spare: under the launcher, in its own
+        # directory, seeing none of job-a's /tmp.
+        script = "tr '\\0' ' ' < /proc/1/cmdline; echo; cat /tmp/note 2>&1; echo out > result"
+        single = launch(jobs, "job-b", script, size=1)
+        outcome, output = await run(runner, single)
+        assert outcome.exit_code == 0, output
+        assert LAUNCHER_INSIDE in output.splitlines()[0]
+        assert "No such file" in output  # job-a's /tmp is not here
+        assert (single.workdir / "result").read_text() == "out\n"  # its files are the job's
+        assert sandboxes(runner) == [spare] and spare.jobdir == single.workdir.parent
+        # Another spare is made for the next jobs; the one-task job's sandbox closes soon.
+        pool = runner.warm
+        assert pool is not None and spare not in pool.spares()
+        await until(lambda: [s.ready for s in pool.spares()] == [True] * SPARES, "new spares")
+        claimed = spare
+        await until(lambda: claimed.closed and sandboxes(runner) == [], "the one-task sandbox")
+        assert single.workdir.parent.is_dir()  # the job's folder stays the agent's to remove
+
+        # A job with network does not fit the spare (made without): fresh sandbox, spare kept.
+        spare = ready_spare(runner)
+        networked = launch(jobs, "job-c", "tr '\\0' ' ' < /proc/1/cmdline", size=1)
+        networked = TaskLaunch(
+            networked.argv, {}, networked.workdir, 10, network=True, share="job-c", share_size=1
+        )
+        outcome, output = await run(runner, networked)
+        assert outcome.exit_code == 0 and LAUNCHER_INSIDE not in output, output
+        assert ready_spare(runner) is spare
 
     drive(jobs, task_account, WarmMode.AUTO, scenario)
 
@@ -290,7 +340,16 @@ def test_an_idle_warm_sandbox_closes_and_leaves_nothing_behind(
         launcher = psutil.Process(sandbox.launcher_pid)
         await until(lambda: not sandboxes(runner), "the idle sandbox to close")
         await until(lambda: not launcher.is_running(), "the launcher to die")
-        assert cgroup_dirs(runner) == []  # the launcher's and the task's: all removed
+        # The launcher's and the task's cgroups are all removed: what is left is the spare
+        # sandbox's launcher's, made for the next job.
+        assert runner.warm is not None
+        spares = runner.warm.spares()
+        await until(lambda: all(spare.ready for spare in spares), "the spare sandboxes")
+        launchers = {str(spare.launcher_pid) for spare in spares}
+        left = cgroup_dirs(runner)
+        assert left and all(
+            launchers & set((d / "cgroup.procs").read_text().split()) for d in left
+        ), left
         # A later task of the job gets a new one.
         outcome, _ = await run(runner, launch(jobs, "job", "true"))
         assert outcome.exit_code == 0 and len(sandboxes(runner)) == 1

@@ -39,7 +39,7 @@ from planetary_mesh.sandbox.bwrap_spawn import (
     sandbox_init_pidfd,
     spawn_bwrap,
 )
-from planetary_mesh.sandbox.limits import CgroupBackend, TaskCgroup
+from planetary_mesh.sandbox.limits import RLIMITS, CgroupBackend, TaskCgroup, move_warmer
 from planetary_mesh.sandbox.reaper import start_reaper
 from planetary_mesh.sandbox.runner import (
     OUTPUT_GRACE_S,
@@ -97,6 +97,7 @@ class BwrapRunner:
         self._reaper_pipe = (
             start_reaper(cgroups.tag) if cgroups is not None and cgroups.controllers else None
         )
+        self._move_warmer = None if cgroups is None else move_warmer(cgroups)
         # Warm sandboxes rely on task cgroups to kill a task whole, and run a Python launcher.
         python = launcher_python() if self._reaper_pipe is not None else None
         # bwrap binds the launcher after it has dropped to the task user, so the package's own
@@ -122,6 +123,8 @@ class BwrapRunner:
         )
 
     def close(self) -> None:
+        if self._move_warmer is not None:
+            self._move_warmer.close()
         if self.warm is not None:
             self.warm.close()
         shutil.rmtree(self._launcher_dir, ignore_errors=True)
@@ -195,18 +198,21 @@ class BwrapRunner:
     ) -> list[str]:
         """The bwrap command line of a warm sandbox: its launcher as PID 1, and the folder that
         holds its tasks' work directories at /work. ``launcher_fds``: its control socket, then its
-        own cgroup.procs files (see warm_launcher.py)."""
+        own cgroup.procs files; it takes the rlimits itself (see warm_launcher.py)."""
         argv = [*self._bwrap(status_fd), *self._namespaces(network), "--as-pid-1"]
         argv += ["--bind", str(jobdir.resolve()), "/work", "--chdir", "/work"]
         argv += ["--ro-bind", str(self.launcher), LAUNCHER_INSIDE]
         argv += _read_only_binds(ro_binds)
         argv += [*self._READ_ONLY, "--clearenv", "--", python, "-I", "-S"]
-        return [*argv, LAUNCHER_INSIDE, *(str(fd) for fd in launcher_fds)]
+        rlimits = ",".join(f"{name}={value}" for name, value in RLIMITS.items())
+        return [*argv, LAUNCHER_INSIDE, str(launcher_fds[0]), rlimits, *map(str, launcher_fds[1:])]
 
     async def start(self, launch: TaskLaunch, on_output: OutputSink) -> RunningTask:
         launch.check_workdir()
         if self.user is not None:
             hand_over(launch.workdir, self.user)
+        if self._move_warmer is not None:
+            self._move_warmer.touch()
         if self.warm is not None and self.warm.enabled:
             running = await self.warm.spawn(launch, on_output)
             if running is not None:

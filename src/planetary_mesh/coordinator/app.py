@@ -93,37 +93,7 @@ def create_app(service: CoordinatorService) -> FastAPI:
     )
     app.state.service = service
 
-    @app.middleware("http")
-    async def require_certificate(request: Request, call_next: Any) -> Any:
-        if request.url.path in _OPEN_PATHS or peer_cert_der(request.scope) is not None:
-            return await call_next(request)
-        session = service.browser.session(request.cookies.get(COOKIE))
-        if session is None and request.url.path == "/":
-            return dashboard.message_page(
-                "Sign in to Planetary Mesh",
-                "Run `mesh dashboard` on a machine with your mesh credentials and open the"
-                " one-time link it prints.",
-                401,
-            )
-        if session is None:
-            return _error(
-                401,
-                "a client certificate is required: pass --config with a client.toml (in a"
-                " browser, open the login link `mesh dashboard` prints)",
-            )
-        if request.method not in SAFE_METHODS:
-            origin = request.headers.get("origin")
-            if origin is not None and origin != dashboard.origin_of(request):
-                return _error(403, f"refused: this request comes from another site ({origin})")
-            if not session.csrf_matches(request.headers.get(CSRF_HEADER)):
-                return _error(
-                    403,
-                    f"refused: a browser request that changes something needs the {CSRF_HEADER}"
-                    " header of its session (the page's csrf-token)",
-                )
-        request.state.browser = session
-        return await call_next(request)
-
+    app.add_middleware(RequireIdentity, service=service)
     app.add_middleware(BodyLimit, limit=MAX_REQUEST_BYTES)
 
     @app.exception_handler(MeshError)
@@ -429,6 +399,57 @@ async def _pump(outbox: asyncio.Queue[dict[str, Any] | None], websocket: WebSock
             await websocket.close(code=4408, reason="session closed by the coordinator")
             return
         await websocket.send_text(json.dumps(message, separators=(",", ":")))
+
+
+class RequireIdentity:
+    """Lets a request in with a client certificate, or on a browser session (its cookie, and
+    for a request that changes something its CSRF header and origin); answers 401 or 403
+    otherwise. A plain ASGI middleware: Starlette's BaseHTTPMiddleware cost every request a
+    task group and a streamed copy of its response."""
+
+    def __init__(self, app: Any, service: CoordinatorService) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in _OPEN_PATHS or peer_cert_der(scope):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        refusal = self._refusal(request)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, request: Request) -> Response | None:
+        """Why a request without a certificate is refused, or None (its session is set)."""
+        session = self.service.browser.session(request.cookies.get(COOKIE))
+        if session is None and request.url.path == "/":
+            return dashboard.message_page(
+                "Sign in to Planetary Mesh",
+                "Run `mesh dashboard` on a machine with your mesh credentials and open the"
+                " one-time link it prints.",
+                401,
+            )
+        if session is None:
+            return _error(
+                401,
+                "a client certificate is required: pass --config with a client.toml (in a"
+                " browser, open the login link `mesh dashboard` prints)",
+            )
+        if request.method not in SAFE_METHODS:
+            origin = request.headers.get("origin")
+            if origin is not None and origin != dashboard.origin_of(request):
+                return _error(403, f"refused: this request comes from another site ({origin})")
+            if not session.csrf_matches(request.headers.get(CSRF_HEADER)):
+                return _error(
+                    403,
+                    f"refused: a browser request that changes something needs the {CSRF_HEADER}"
+                    " header of its session (the page's csrf-token)",
+                )
+        request.state.browser = session
+        return None
 
 
 class BodyLimit:

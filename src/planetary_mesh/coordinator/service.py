@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import logging
 import secrets
 import time
@@ -103,6 +104,7 @@ class CoordinatorService:
         self.metrics = Metrics(self)
         self._kick = asyncio.Event()
         self.durations = JobDurations()  # how long jobs' tasks take: who may be prefetched
+        self._turns = itertools.count()  # which node placement looks at first, round by round
         # After a restart no session is up yet: every node waits to reconnect, and is owed a
         # grace before it can be declared lost.
         store.mark_nodes(NodeState.READY, NodeState.SUSPECT)
@@ -810,6 +812,12 @@ class CoordinatorService:
                     used_gpus,
                 )
             )
+        # Placement gives a task to the node with the most free room, the first such on a tie:
+        # starting each round from the next node spreads jobs that come one after another over
+        # equally idle nodes instead of sending them all to one (whose spare sandboxes run out).
+        if loads:
+            turn = next(self._turns) % len(loads)
+            loads = loads[turn:] + loads[:turn]
         return loads
 
     def _send_assignments(self, session: AgentSession, assignments: list[Assignment]) -> None:

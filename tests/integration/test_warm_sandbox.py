@@ -342,10 +342,10 @@ def test_an_idle_warm_sandbox_closes_and_leaves_nothing_behind(
         await until(lambda: not launcher.is_running(), "the launcher to die")
         # The launcher's and the task's cgroups are all removed: what is left is the spare
         # sandbox's launcher's, made for the next job.
-        assert runner.warm is not None
-        spares = runner.warm.spares()
-        await until(lambda: all(spare.ready for spare in spares), "the spare sandboxes")
-        launchers = {str(spare.launcher_pid) for spare in spares}
+        pool = runner.warm
+        assert pool is not None
+        await until(lambda: [s.ready for s in pool.spares()] == [True] * SPARES, "the spares")
+        launchers = {str(spare.launcher_pid) for spare in pool.spares()}
         left = cgroup_dirs(runner)
         assert left and all(
             launchers & set((d / "cgroup.procs").read_text().split()) for d in left

@@ -18,6 +18,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,7 @@ class Agent:
         # Task work directories live outside the data dir (which holds the node's key and may
         # sit in a private home): a folder the task user may pass through but not list.
         self.work_root = make_scratch("work")
+        self._cleaner = ThreadPoolExecutor(1, thread_name_prefix="workdir-cleaner")
         self.work_root.chmod(0o711)
         self.runner = runner
         self.functions = FunctionWorkers(
@@ -276,6 +278,7 @@ class Agent:
             await self._kill_all("the agent is stopping")
             await self.functions.close()
             self.runner.close()
+            self._cleaner.shutdown(wait=True)
             shutil.rmtree(self.work_root, ignore_errors=True)
 
     async def _rediscover(self) -> None:
@@ -572,10 +575,9 @@ class Agent:
             linger=BUSY_ENDED_LINGER_S if self.admission.waiting else 0.0,
         )
         self.running.pop(ref, None)
-        try:
-            workdir.rmdir()  # most tasks leave nothing behind, and rmtree costs a lot more
-        except OSError:
-            shutil.rmtree(workdir, ignore_errors=True)
+        # Off the event loop: removing even an empty directory waits on the file system's
+        # journal (0.2-0.6 ms here), and the next task should not wait for it.
+        self._cleaner.submit(_remove_workdir, workdir)
 
     async def _start_and_wait(
         self,
@@ -654,9 +656,18 @@ class Agent:
                 await task.wait()
 
 
+def _remove_workdir(workdir: Path) -> None:
+    try:
+        workdir.rmdir()  # most tasks leave nothing behind, and rmtree costs a lot more
+    except OSError:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def collect_outputs(workdir: Path, patterns: tuple[str, ...]) -> tuple[dict[str, bytes], str]:
     """Files under ``workdir`` matching ``patterns``, within the size cap; and a note if cut."""
     found: dict[str, bytes] = {}
+    if not patterns:
+        return found, ""
     total = 0
     skipped: list[str] = []
     root = workdir.resolve()

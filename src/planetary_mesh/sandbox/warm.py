@@ -68,7 +68,7 @@ LAUNCHER = Path(__file__).with_name("warm_launcher.py")
 LAUNCHER_INSIDE = "/run/planetary-mesh/launcher.py"  # where the sandbox shows it, read only
 WARM_IDLE_S = 5.0  # a warm sandbox whose job has had no task here for this long is closed
 MAX_WARM_SANDBOXES = 8  # at once per agent; more busy jobs at once get fresh sandboxes
-SPARES = 2  # kept ready per agent once it runs tasks: one-task jobs come faster than one is made
+SPARES = 3  # kept ready per agent once it runs tasks: one-task jobs come faster than one is made
 SPARE_IDLE_S = 60.0  # a spare sandbox no job has taken for this long is closed
 SINGLE_TASK_IDLE_S = 0.5  # a one-task job's sandbox: closed soon after its task
 MAX_START_FAILURES = 3  # in a row, before the agent gives up on warm sandboxes
@@ -265,12 +265,12 @@ class WarmSandbox:
             raise WarmUnavailable("no cgroup for the task")
         return group
 
-    def give_back(self, group: TaskCgroup, limits: Limits) -> None:
+    def give_back(self, group: TaskCgroup, limits: Limits, oom_killed: bool | None) -> None:
         """A finished task's cgroup, empty: kept for the next task with the same limits when
         nothing of the last one stays charged to it, removed otherwise. Making and removing a
         cgroup (in three hierarchies on v1) costs more than starting the task itself."""
         spare = self._spare_cgroups.setdefault(limits, [])
-        if self.closed or len(spare) >= MAX_SPARE_CGROUPS or not group.reusable():
+        if self.closed or len(spare) >= MAX_SPARE_CGROUPS or not group.reusable(oom_killed):
             group.remove()
         else:
             spare.append(group)
@@ -384,6 +384,8 @@ class _WarmTask(SupervisedTask):
         self._exit = exited
         self._sandbox = sandbox
         self._lost = False
+        self._tree_gone = False
+        self._oom_killed: bool | None = None  # read for its outcome; not if it was killed
         exited.add_done_callback(lambda _: pipes.process_exited())
         super().__init__(launch, pid, pipes)
 
@@ -409,9 +411,11 @@ class _WarmTask(SupervisedTask):
                 return
             self._group.kill()
             await asyncio.sleep(CGROUP_POLL_S)
+        self._tree_gone = True
 
     def _outcome_of(self, returncode: int) -> TaskOutcome:
-        if self._group.oom_killed():
+        self._oom_killed = self._group.oom_killed()
+        if self._oom_killed:
             return TaskOutcome.out_of_memory(self._limits.memory)
         if self._lost:
             return TaskOutcome(
@@ -423,8 +427,8 @@ class _WarmTask(SupervisedTask):
         return super()._outcome_of(returncode)
 
     def _release(self) -> None:
-        if self._group.empty():
-            self._sandbox.give_back(self._group, self._limits)
+        if self._tree_gone:
+            self._sandbox.give_back(self._group, self._limits, self._oom_killed)
         else:
             self._group.remove()  # fails while anything is left: the sweep at exit gets it
         self._sandbox.task_done()
@@ -456,6 +460,7 @@ class WarmPool:
         self._starting: set[asyncio.Task[None]] = set()
         self._spares: list[WarmSandbox] = []  # made ahead for the next jobs (no network)
         self._spare_ids = itertools.count(1)
+        self._closed = False
 
     def sandboxes(self) -> list[WarmSandbox]:
         """The jobs' sandboxes (not the spare)."""
@@ -485,7 +490,20 @@ class WarmPool:
             if not first.ready and first.starting is not None:
                 await asyncio.shield(first.starting)
             sandbox = self._sandboxes.get(key) or self._claim_spare(key, launch)
-        self._keep_spares(jobdir.parent)
+        # New spares are made once this task has started: making one takes CPU it needs now.
+        try:
+            return await self._spawn_in(sandbox, key, launch, on_output)
+        finally:
+            self._keep_spares(jobdir.parent)
+
+    async def _spawn_in(
+        self,
+        sandbox: WarmSandbox | None,
+        key: tuple[str, bool, Path, tuple[str, ...]],
+        launch: TaskLaunch,
+        on_output: OutputSink,
+    ) -> RunningTask | None:
+        jobdir = launch.workdir.parent
         if sandbox is None and self.mode is WarmMode.AUTO and launch.share_size < 2:
             return None
         if sandbox is None and len(self._sandboxes) < self._size:
@@ -521,19 +539,26 @@ class WarmPool:
         return sandbox
 
     def _keep_spares(self, root: Path) -> None:
-        """Have SPARES spare sandboxes ready or being made, each in a folder of its own under
-        ``root`` (where the agent keeps jobs' folders): the next jobs that fit take them, so a
-        job's first task starts as quickly as its later ones. Made only once the agent has run
-        something, and closed after SPARE_IDLE_S unused, so an idle agent holds none."""
+        """Have SPARES spare sandboxes ready, each in a folder of its own under ``root`` (where
+        the agent keeps jobs' folders): the next jobs that fit take them, so a job's first task
+        starts as quickly as its later ones. They are made one at a time, each as quickly as
+        it can be (a task that waits for a spare waits for the first). Made only once the agent
+        has run something, and closed after SPARE_IDLE_S unused, so an idle agent holds none."""
         self._spares = [spare for spare in self._spares if not spare.closed]
-        while len(self._spares) < SPARES and len(self._sandboxes) < self._size:
-            folder = root / f".spare-{next(self._spare_ids)}"
-            try:
-                folder.mkdir(mode=0o711)  # as the agent makes a job's folder
-            except OSError as error:
-                log.warning("no spare sandbox: cannot make %s: %s", folder, error)
-                return
-            self._spares.append(self._new_sandbox(folder, False, (), SPARE_IDLE_S))
+        if self._closed or not self.enabled or any(not s.ready for s in self._spares):
+            return  # one is being made; the next is made once it is ready
+        if len(self._spares) >= SPARES or len(self._sandboxes) >= self._size:
+            return
+        folder = root / f".spare-{next(self._spare_ids)}"
+        try:
+            folder.mkdir(mode=0o711)  # as the agent makes a job's folder
+        except OSError as error:
+            log.warning("no spare sandbox: cannot make %s: %s", folder, error)
+            return
+        spare = self._new_sandbox(folder, False, (), SPARE_IDLE_S)
+        self._spares.append(spare)
+        assert spare.starting is not None
+        spare.starting.add_done_callback(lambda _: self._keep_spares(root))
 
     def _claim_spare(
         self, key: tuple[str, bool, Path, tuple[str, ...]], launch: TaskLaunch
@@ -608,6 +633,7 @@ class WarmPool:
                 del self._sandboxes[key]
 
     def close(self) -> None:
+        self._closed = True
         for starting in list(self._starting):
             starting.cancel()
         for sandbox in list(self._sandboxes.values()):

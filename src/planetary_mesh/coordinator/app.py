@@ -378,7 +378,7 @@ async def _serve_agent(service: CoordinatorService, websocket: WebSocket) -> Non
                 break  # a newer session replaced this one, or the node was declared lost
             service.agent_heard(session, message.usage)
             if isinstance(message, Report):
-                service.agent_report(session, message)
+                service.agent_report_soon(session, message)
             elif isinstance(message, Heartbeat):
                 service.agent_heartbeat(session)
     except WebSocketDisconnect:

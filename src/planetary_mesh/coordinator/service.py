@@ -105,6 +105,7 @@ class CoordinatorService:
         self._kick = asyncio.Event()
         self.durations = JobDurations()  # how long jobs' tasks take: who may be prefetched
         self._turns = itertools.count()  # which node placement looks at first, round by round
+        self._queued_reports: list[tuple[AgentSession, Report]] = []  # to commit together
         # After a restart no session is up yet: every node waits to reconnect, and is owed a
         # grace before it can be declared lost.
         store.mark_nodes(NodeState.READY, NodeState.SUSPECT)
@@ -655,36 +656,68 @@ class CoordinatorService:
                 log.exception("liveness check failed")
 
     def agent_report(self, session: AgentSession, report: Report) -> None:
-        """Commit a batch of agent events in one transaction, then acknowledge it so the
+        """Commit one agent report at once (see agent_reports)."""
+        self.agent_reports([(session, report)])
+
+    def agent_report_soon(self, session: AgentSession, report: Report) -> None:
+        """Commit ``report`` with the others that reach the event loop in the same turn: the
+        agents' reports then share one transaction, one fsync and one placement round (a group
+        commit). Each is acknowledged only once committed."""
+        self._queued_reports.append((session, report))
+        if len(self._queued_reports) == 1:
+            asyncio.get_running_loop().call_soon(self._commit_queued_reports)
+
+    def _commit_queued_reports(self) -> None:
+        batch, self._queued_reports = self._queued_reports, []
+        # A session closed meanwhile (replaced, or its node declared lost) is not heard: its
+        # agent sends what was not acknowledged again on its next session.
+        batch = [(session, report) for session, report in batch if not session.closed]
+        try:
+            self.agent_reports(batch)
+        except Exception:
+            # Nothing of the batch was committed: the agents must send it again, which they do
+            # on a new session.
+            log.exception("could not commit the agents' reports; their sessions are closed")
+            for session, _ in batch:
+                session.close()
+
+    def agent_reports(self, batch: list[tuple[AgentSession, Report]]) -> None:
+        """Commit batches of agent events in one transaction, then acknowledge each so its
         agent can forget it."""
+        if not batch:
+            return
         now = self.clock()
-        logs: list[tuple[int, int, int, bytes]] = []
         freed = retrying = False
         assigned: list[tuple[str, Assignment]] = []
         with self.metrics.store_writes.time(), self.store.transaction():
-            for event in report.events:
-                task_id, attempt, epoch = event.task
-                if isinstance(event, Log):
-                    # Whatever an agent sends, an attempt's stored output is bounded.
-                    room = MAX_LOG_BYTES + LOG_MARKER_ROOM - event.offset
-                    if room > 0:
-                        data = base64.b64decode(event.data)[:room]
-                        logs.append((task_id, attempt, event.offset, data))
-                elif isinstance(event, Started):
-                    self.store.record_started(task_id, attempt, epoch, now, node_id=session.node_id)
-                elif isinstance(event, Ended):
-                    # Output is stored before the end it precedes.
-                    self.store.record_logs(logs)
-                    logs = []
-                    state = self._record_end(session.node_id, event, now)
-                    freed |= state is not None
-                    retrying |= state is TaskState.PENDING
-            self.store.record_logs(logs)
+            for session, report in batch:
+                logs: list[tuple[int, int, int, bytes]] = []
+                for event in report.events:
+                    task_id, attempt, epoch = event.task
+                    if isinstance(event, Log):
+                        # Whatever an agent sends, an attempt's stored output is bounded.
+                        room = MAX_LOG_BYTES + LOG_MARKER_ROOM - event.offset
+                        if room > 0:
+                            data = base64.b64decode(event.data)[:room]
+                            logs.append((task_id, attempt, event.offset, data))
+                    elif isinstance(event, Started):
+                        self.store.record_started(
+                            task_id, attempt, epoch, now, node_id=session.node_id
+                        )
+                    elif isinstance(event, Ended):
+                        # Output is stored before the end it precedes.
+                        self.store.record_logs(logs)
+                        logs = []
+                        state = self._record_end(session.node_id, event, now)
+                        freed |= state is not None
+                        retrying |= state is TaskState.PENDING
+                self.store.record_logs(logs)
             if freed:
                 # The freed room is filled in the same commit as the ends that freed it: one
                 # fsync, not two, between a task's end and the next one's start.
                 assigned = self._place_safely()
-        session.send({"type": "ack", "seq": report.seq})
+        for session, report in batch:
+            session.send({"type": "ack", "seq": report.seq})
         self._dispatch(assigned)
         if retrying or len(assigned) >= SCHEDULE_BATCH:
             # The round above filled the freed room; the loop is needed only when more of

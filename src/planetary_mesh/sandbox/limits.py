@@ -319,6 +319,18 @@ def own_cgroups(proc_self_cgroup: str) -> tuple[dict[str, str], str | None]:
     return v1, v2
 
 
+def own_cgroup_dirs(root: Path) -> dict[str, Path]:
+    """This process's own cgroup folders under ``root``: by controller (memory, cpu, pids) for
+    v1, and "" for the v2 hierarchy. Raises OSError if /proc/self/cgroup cannot be read."""
+    v1, v2 = own_cgroups(Path("/proc/self/cgroup").read_text())
+    dirs: dict[str, Path] = {
+        c: root / c / v1[c].lstrip("/") for c in ("memory", "cpu", "pids") if c in v1
+    }
+    if v2 is not None:
+        dirs[""] = root / v2.lstrip("/")
+    return dirs
+
+
 _backend_ids = itertools.count(1)
 
 
@@ -358,12 +370,9 @@ def reap_stale_task_cgroups(
     if os.geteuid() != 0:
         return 0
     try:
-        v1, v2 = own_cgroups(Path("/proc/self/cgroup").read_text())
+        parents = [(d, name == "") for name, d in own_cgroup_dirs(root).items()]
     except OSError:
         return 0
-    parents = [(root / c / v1[c].lstrip("/"), False) for c in ("memory", "cpu", "pids") if c in v1]
-    if v2 is not None:
-        parents.append((root / v2.lstrip("/"), True))
     killed = 0
     for parent, is_v2 in parents:
         for base in parent.glob("planetary-mesh-*"):
@@ -449,16 +458,11 @@ def move_warmer(
     backend: CgroupBackend, period_s: float = 0.008, active_s: float = 2.0
 ) -> MoveWarmer | None:
     """A MoveWarmer on this process's own cgroup in one of ``backend``'s hierarchies."""
-    root = CGROUP_ROOT
     if not backend.controllers:
         return None
     try:
-        v1, v2 = own_cgroups(Path("/proc/self/cgroup").read_text())
-        if backend.name == "cgroup v2" and v2 is not None:
-            procs = root / v2.lstrip("/") / "cgroup.procs"
-        else:
-            controller = backend.controllers[0]
-            procs = root / controller / v1[controller].lstrip("/") / "cgroup.procs"
+        hierarchy = "" if backend.name == "cgroup v2" else backend.controllers[0]
+        procs = own_cgroup_dirs(CGROUP_ROOT)[hierarchy] / "cgroup.procs"
         return MoveWarmer(procs, period_s, active_s)
     except (OSError, KeyError) as error:
         log.info("cgroup moves are not kept quick: %s", error)

@@ -4,8 +4,10 @@ paging jobs and tasks, the overview's counts, a node's record, and the server-se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -110,7 +112,8 @@ class Stream:
         self.ids: list[str] = []
         self._context = http.stream("GET", "/v1/events/stream", timeout=30, **kwargs)
         self.response = self._context.__enter__()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         try:
@@ -119,14 +122,24 @@ class Stream:
                     self.ids.append(line[4:])
                 elif line.startswith("data: "):
                     self.events.put(json.loads(line[6:]))
-        except httpx.HTTPError:
-            pass
+        except (httpx.HTTPError, OSError):
+            pass  # the server ended the stream, or close() cut it off
         self.events.put(None)  # the stream ended
 
     def next(self, timeout: float = 10) -> dict[str, Any] | None:
         return self.events.get(timeout=timeout)
 
     def close(self) -> None:
+        # Wake the reading thread by shutting the socket down, and let it finish, before the
+        # response is closed: closing a TLS socket another thread is still reading lets that
+        # thread's next read land on whatever connection reuses the descriptor (seen in CI as
+        # the next request's WRONG_VERSION_NUMBER).
+        sock = self.response.extensions["network_stream"].get_extra_info("socket")
+        if sock is not None and self._reader.is_alive():
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        self._reader.join(timeout=10)
+        assert not self._reader.is_alive(), "the stream's reader did not stop"
         self._context.__exit__(None, None, None)
 
 

@@ -202,15 +202,18 @@ def test_a_new_job_takes_the_spare_sandbox_made_ahead_and_another_is_made(
 
         # A one-task job's first task runs in the spare: under the launcher, in its own
         # directory, seeing none of job-a's /tmp.
+        # The spare was made at low CPU priority; its task runs at the normal one.
         script = "tr '\\0' ' ' < /proc/1/cmdline; echo; cat /tmp/note 2>&1; echo out > result"
-        single = launch(jobs, "job-b", script, size=1)
+        single = launch(jobs, "job-b", f"{script}; echo nice=$(nice)", size=1)
         outcome, output = await run(runner, single)
         assert outcome.exit_code == 0, output
         assert LAUNCHER_INSIDE in output.splitlines()[0]
+        assert "nice=0" in output.splitlines()
         assert "No such file" in output  # job-a's /tmp is not here
         assert (single.workdir / "result").read_text() == "out\n"  # its files are the job's
-        assert sandboxes(runner) == [spare] and spare.jobdir == single.workdir.parent
-        # Another spare is made for the next jobs; the one-task job's sandbox closes soon.
+        assert spare.jobdir == single.workdir.parent  # the spare became job-b's
+        # Another spare is made for the next jobs; the one-task job's sandbox closes once its
+        # task is done.
         pool = runner.warm
         assert pool is not None and spare not in pool.spares()
         await until(lambda: [s.ready for s in pool.spares()] == [True] * SPARES, "new spares")
@@ -444,14 +447,16 @@ def test_the_launcher_bound_is_a_copy_the_task_user_can_reach(
 ) -> None:
     # The package may live where the task user cannot look (a venv in a private home, a
     # checkout in a 0700 folder); bwrap binds the launcher as that user, so it binds a copy.
+    # It is compiled once, by the Python that runs it: a script is compiled at every start.
     runner = make_runner(jobs, task_account, WarmMode.ALWAYS)
-    assert runner.launcher != LAUNCHER and runner.launcher.read_bytes() == LAUNCHER.read_bytes()
+    source = runner.launcher.with_suffix(".py")
+    assert runner.launcher.suffix == ".pyc" and source.read_bytes() == LAUNCHER.read_bytes()
     assert runner.launcher.stat().st_mode & 0o777 == 0o644
     assert runner.launcher.parent.stat().st_mode & 0o777 == 0o711
     command = runner.warm_command(jobs.root, False, (), "/usr/bin/python3", [3, 5], 4)
     assert command[command.index(LAUNCHER_INSIDE) - 1] == str(runner.launcher)
     runner.close()
-    assert not runner.launcher.exists()  # nothing left once the runner closes
+    assert not runner.launcher.exists() and not source.exists()  # nothing left once closed
 
 
 def test_a_clean_task_cgroup_is_reused_and_one_with_leftovers_or_an_oom_is_not(

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SETUP_TIMEOUT_S = 10.0  # bwrap makes a sandbox in milliseconds; this long means it is stuck
 ABANDON_TIMEOUT_S = 2.0  # for a task killed during its set-up to leave its cgroup
+CGROUP_POLL_S = 0.005  # killed processes leave their cgroup within milliseconds
 
 
 @dataclass
@@ -50,11 +51,15 @@ async def spawn_bwrap(
     executable: str,
     pass_fds: tuple[int, ...] = (),
     joins_itself: bool = False,
+    nice: int = 0,
 ) -> Spawned:
     """Run ``command(status_fd)`` in ``group`` with the rlimits, and wait for its sandbox.
     ``joins_itself``: the command joins ``group`` and takes the rlimits itself (a warm
     sandbox's launcher does), so nothing runs between fork and exec and the spawn can vfork:
     forking the whole agent to run that code blocked its event loop for 10 to 30 ms.
+
+    ``nice``: the CPU priority bwrap (and so the sandbox it forks) starts at; the caller
+    sets it back (`renice`) once the sandbox is ready.
 
     Raises SandboxError, having killed everything it started, when there is no sandbox.
     """
@@ -104,6 +109,10 @@ async def spawn_bwrap(
         finally:
             os.close(status_write)
         assert transport is not None  # made, or we raised
+        if nice:
+            # Set before bwrap forks the sandbox's init (it first parses and sets up), which
+            # inherits it; a lost race costs only speed.
+            renice(transport.get_pid(), nice)
         bwrap_pidfd = pidfd_open(transport.get_pid())
         status_transport, status = await loop.connect_read_pipe(
             StatusPipe,
@@ -178,8 +187,54 @@ def abandon(group: TaskCgroup) -> None:
         group.kill()
         if group.empty() or time.monotonic() > deadline:
             break
-        time.sleep(0.005)  # dying processes leave the cgroup within milliseconds
+        time.sleep(CGROUP_POLL_S)
     group.remove()
+
+
+class CgroupReaper:
+    """Frees the cgroups of killed sandboxes without blocking the event loop: ``abandon``
+    waits 5 ms at a time for the dead to leave, and a warm sandbox closing at an idle moment
+    held up every task of its agent for that long. ``finish`` (at shutdown) waits for the
+    rest."""
+
+    def __init__(self) -> None:
+        self._dying: list[tuple[TaskCgroup, float]] = []  # and when to give up: remove it
+        self._timer: asyncio.TimerHandle | None = None
+        self._finished = False
+
+    def abandon(self, group: TaskCgroup) -> None:
+        if self._finished:  # shutting down: no event loop turns left to count on
+            abandon(group)
+            return
+        group.kill()
+        if group.empty():
+            group.remove()
+            return
+        self._dying.append((group, time.monotonic() + ABANDON_TIMEOUT_S))
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(CGROUP_POLL_S, self._poll)
+
+    def _poll(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        dying, self._dying = self._dying, []
+        for group, deadline in dying:
+            if group.empty() or now > deadline:
+                group.remove()
+            else:
+                group.kill()
+                self._dying.append((group, deadline))
+        if self._dying:
+            self._timer = asyncio.get_running_loop().call_later(CGROUP_POLL_S, self._poll)
+
+    def finish(self) -> None:
+        self._finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for group, _ in self._dying:
+            abandon(group)
+        self._dying.clear()
 
 
 def hand_over(workdir: Path, user: TaskUser) -> None:
@@ -205,6 +260,14 @@ def sandbox_init_pidfd(info: dict[str, object]) -> int | None:
             os.close(pidfd)
             return None
     return pidfd
+
+
+def renice(pid: int | None, nice: int) -> None:
+    """Set a process's CPU priority (the agent is root, so it may raise it back); a process
+    gone already needs none."""
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.setpriority(os.PRIO_PROCESS, pid, nice)
 
 
 def pidfd_open(pid: int) -> int | None:

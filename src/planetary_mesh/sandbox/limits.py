@@ -17,6 +17,7 @@ import logging
 import os
 import resource
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -50,7 +51,8 @@ class TaskCgroup(Protocol):
     def oom_killed(self) -> bool: ...
 
     def kill(self) -> None:
-        """SIGKILL every process in the cgroup, whatever namespace or session it is in."""
+        """SIGKILL every process in the cgroup, whatever namespace or session it is in. On v1,
+        one that forked just then may leave a child: callers kill again until empty()."""
         ...
 
     def empty(self) -> bool: ...
@@ -159,17 +161,13 @@ class _Group:
             with contextlib.suppress(OSError):
                 (self.dirs[0] / "cgroup.kill").write_text("1")
                 return
-        # v1 has no cgroup.kill: kill what is listed until nothing is (a fork racing the kill
-        # shows up on the next read). Most often the task is over and nothing is left.
-        if self.empty():
-            return
-        for _ in range(100):
-            pids = self._pids()
-            if not pids:
-                return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+        # v1 has no cgroup.kill: kill what is listed, once. A process forked meanwhile shows
+        # up in the next look, and every caller looks again until the cgroup is empty (and
+        # kills again): spinning here until the killed had exited read cgroup.procs up to
+        # 100 times a kill, on the event loop.
+        for pid in self._pids():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
 
     def empty(self) -> bool:
         # A process joins all of a task's hierarchies before it runs anything of the task's,
@@ -391,12 +389,12 @@ def reap_stale_task_cgroups(
                 continue
             for task_dir in task_dirs:
                 group = _Group([task_dir], None, v2=is_v2)
-                for _ in range(100):
-                    pids = group._pids()
-                    if not pids:
-                        break
-                    killed += len(pids)
+                killed += len(group._pids())
+                for _ in range(200):  # the killed leave within milliseconds
                     group.kill()
+                    if group.empty():
+                        break
+                    time.sleep(0.005)
                 group.remove()
             with contextlib.suppress(OSError):
                 base.rmdir()

@@ -41,12 +41,15 @@ from typing import Any
 
 from planetary_mesh.errors import SandboxError
 from planetary_mesh.sandbox.bwrap_spawn import (
+    CGROUP_POLL_S,
     SETUP_TIMEOUT_S,
+    CgroupReaper,
     Spawned,
     abandon,
     close_fd,
     kill,
     readable,
+    renice,
     sandbox_init_pidfd,
     spawn_bwrap,
 )
@@ -65,19 +68,27 @@ from planetary_mesh.sandbox.runner import (
 log = logging.getLogger(__name__)
 
 LAUNCHER = Path(__file__).with_name("warm_launcher.py")
-LAUNCHER_INSIDE = "/run/planetary-mesh/launcher.py"  # where the sandbox shows it, read only
+# Where the sandbox shows it, read only: compiled (Python tells by its first bytes), or its
+# source if it could not be compiled.
+LAUNCHER_INSIDE = "/run/planetary-mesh/launcher"
 WARM_IDLE_S = 5.0  # a warm sandbox whose job has had no task here for this long is closed
 MAX_WARM_SANDBOXES = 8  # at once per agent; more busy jobs at once get fresh sandboxes
 SPARES = 3  # kept ready per agent once it runs tasks: one-task jobs come faster than one is made
 SPARE_IDLE_S = 60.0  # a spare sandbox no job has taken for this long is closed
-SINGLE_TASK_IDLE_S = 0.5  # a one-task job's sandbox: closed soon after its task
+# A one-task job's sandbox is closed once its task is done (timers run after the callbacks
+# already due, so after its end was sent): lingering, such sandboxes filled the pool and left
+# no room for spares when one-task jobs came back to back.
+SINGLE_TASK_IDLE_S = 0.0
+# A spare is made at the lowest CPU priority, so that making it (setpriv, bwrap and the
+# launcher's start-up: ~10 ms of CPU) takes no CPU from running tasks and the messages that
+# start and end them; ready, or wanted by a job, it is set back to normal.
+SPARE_NICE = 19
 MAX_START_FAILURES = 3  # in a row, before the agent gives up on warm sandboxes
 # The launcher itself: a small Python, and the children it forked but the agent has not yet
 # moved to their own cgroups.
 LAUNCHER_LIMITS = Limits(memory=128 * 1024 * 1024, pids=256)
 MAX_REQUEST_BYTES = 128 * 1024  # a launch this large (a huge environment) gets a fresh sandbox
 TREE_GONE_TIMEOUT_S = 30.0  # a process stuck in the kernel (D state) can hold its cgroup up
-CGROUP_POLL_S = 0.005  # killed processes leave their cgroup within milliseconds
 MAX_SPARE_CGROUPS = 4  # per warm sandbox and limits: a clean task cgroup is reused
 
 
@@ -114,8 +125,11 @@ class WarmSandbox:
         executable: str,
         idle_s: float,
         on_closed: Callable[[WarmSandbox], None],
+        reaper: CgroupReaper,
+        background: bool = False,
     ) -> None:
         self.jobdir = jobdir
+        self.background = background  # made at SPARE_NICE until ready or hurried
         self.ready = False
         self.closed = False
         self.launcher_pid: int | None = None  # on the host
@@ -124,6 +138,7 @@ class WarmSandbox:
         self._executable = executable
         self._idle_s = idle_s
         self._on_closed = on_closed
+        self._reaper = reaper
         self._group: TaskCgroup | None = None
         self._spawned: Spawned | None = None
         self._launcher_pidfd: int | None = None
@@ -159,6 +174,7 @@ class WarmSandbox:
                 self._executable,
                 pass_fds=(control_fd, *home),
                 joins_itself=True,
+                nice=SPARE_NICE if self.background else 0,
             )
         finally:
             theirs.close()
@@ -168,6 +184,7 @@ class WarmSandbox:
         self._launcher_pidfd = sandbox_init_pidfd(self._spawned.info)
         pid = self._spawned.info.get("child-pid")
         self.launcher_pid = pid if isinstance(pid, int) else None
+        self._set_priority()  # the launcher may have forked before bwrap was reniced
         try:
             hello = await asyncio.wait_for(_receive(mine), SETUP_TIMEOUT_S)
         except TimeoutError:
@@ -178,8 +195,26 @@ class WarmSandbox:
                 f" ({self._spawned.pipes.last_line() or 'no reason given'})"
             )
         asyncio.get_running_loop().add_reader(mine.fileno(), self._on_control)
+        self.hurry()  # before any task: what the launcher spawns inherits its priority
         self.ready = True
         self._arm_idle_timer()
+
+    def hurry(self) -> None:
+        """Make the rest of this sandbox at normal CPU priority: a task waits for it."""
+        self.background = False
+        self._set_priority()
+
+    def _set_priority(self) -> None:
+        nice = SPARE_NICE if self.background else 0
+        spawned = self._spawned
+        if spawned is not None and spawned.transport.get_returncode() is None:
+            renice(spawned.transport.get_pid(), nice)  # not reaped: the pid is still bwrap's
+        if self._launcher_pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                # Alive (so its pid is its own) just before: it is a child of bwrap's, reaped
+                # only by it, and bwrap is still running.
+                signal.pidfd_send_signal(self._launcher_pidfd, 0)
+                renice(self.launcher_pid, nice)
 
     def _log_output(self, data: bytes) -> None:
         # The launcher writes only when something is badly wrong (a Python traceback).
@@ -359,7 +394,7 @@ class WarmSandbox:
         close_fd(self._launcher_pidfd)
         self._launcher_pidfd = None
         if self._group is not None:
-            abandon(self._group)  # the launcher and bwrap: dead within milliseconds
+            self._reaper.abandon(self._group)  # the launcher and bwrap: dead within ms
         self._on_closed(self)
 
 
@@ -460,6 +495,8 @@ class WarmPool:
         self._starting: set[asyncio.Task[None]] = set()
         self._spares: list[WarmSandbox] = []  # made ahead for the next jobs (no network)
         self._spare_ids = itertools.count(1)
+        self._reaper = CgroupReaper()
+        self._root: Path | None = None  # where the agent keeps jobs' folders, and spares'
         self._closed = False
 
     def sandboxes(self) -> list[WarmSandbox]:
@@ -488,13 +525,14 @@ class WarmPool:
             # A spare being made will be ready sooner than a fresh sandbox would be.
             first = self._spares[0]
             if not first.ready and first.starting is not None:
+                first.hurry()
                 await asyncio.shield(first.starting)
             sandbox = self._sandboxes.get(key) or self._claim_spare(key, launch)
-        # New spares are made once this task has started: making one takes CPU it needs now.
+        self._root = jobdir.parent
         try:
             return await self._spawn_in(sandbox, key, launch, on_output)
         finally:
-            self._keep_spares(jobdir.parent)
+            self._keep_spares()  # once this task has started: making one takes CPU it needs
 
     async def _spawn_in(
         self,
@@ -522,7 +560,12 @@ class WarmPool:
             return None
 
     def _new_sandbox(
-        self, jobdir: Path, network: bool, ro_binds: tuple[str, ...], idle_s: float
+        self,
+        jobdir: Path,
+        network: bool,
+        ro_binds: tuple[str, ...],
+        idle_s: float,
+        background: bool = False,
     ) -> WarmSandbox:
         """A sandbox for ``jobdir``, being made in the background."""
         sandbox = WarmSandbox(
@@ -532,22 +575,30 @@ class WarmPool:
             self._executable,
             idle_s,
             self._forget,
+            self._reaper,
+            background,
         )
         sandbox.starting = asyncio.create_task(self._start(sandbox))
         self._starting.add(sandbox.starting)
         sandbox.starting.add_done_callback(self._starting.discard)
         return sandbox
 
-    def _keep_spares(self, root: Path) -> None:
-        """Have SPARES spare sandboxes ready, each in a folder of its own under ``root`` (where
-        the agent keeps jobs' folders): the next jobs that fit take them, so a job's first task
-        starts as quickly as its later ones. They are made one at a time, each as quickly as
-        it can be (a task that waits for a spare waits for the first). Made only once the agent
-        has run something, and closed after SPARE_IDLE_S unused, so an idle agent holds none."""
+    def _keep_spares(self) -> None:
+        """Have SPARES spare sandboxes ready, each in a folder of its own beside the jobs'
+        folders: the next jobs that fit take them, so a job's first task starts as quickly as
+        its later ones. Made only once the agent has run something, and closed after
+        SPARE_IDLE_S unused, so an idle agent holds none. Made one at a time, each once the
+        task that took the last has started, at low CPU priority (SPARE_NICE)."""
         self._spares = [spare for spare in self._spares if not spare.closed]
-        if self._closed or not self.enabled or any(not s.ready for s in self._spares):
+        root = self._root
+        if root is None or self._closed or not self.enabled:
+            return
+        if any(not s.ready for s in self._spares):
             return  # one is being made; the next is made once it is ready
-        if len(self._spares) >= SPARES or len(self._sandboxes) >= self._size:
+        if len(self._spares) >= SPARES:
+            return
+        self._make_room()
+        if len(self._sandboxes) >= self._size:
             return
         folder = root / f".spare-{next(self._spare_ids)}"
         try:
@@ -555,10 +606,10 @@ class WarmPool:
         except OSError as error:
             log.warning("no spare sandbox: cannot make %s: %s", folder, error)
             return
-        spare = self._new_sandbox(folder, False, (), SPARE_IDLE_S)
+        spare = self._new_sandbox(folder, False, (), SPARE_IDLE_S, background=True)
         self._spares.append(spare)
         assert spare.starting is not None
-        spare.starting.add_done_callback(lambda _: self._keep_spares(root))
+        spare.starting.add_done_callback(lambda _: self._keep_spares())
 
     def _claim_spare(
         self, key: tuple[str, bool, Path, tuple[str, ...]], launch: TaskLaunch
@@ -640,6 +691,7 @@ class WarmPool:
             sandbox.close()
         for spare in list(self._spares):
             spare.close()
+        self._reaper.finish()
 
 
 def _launcher_record(message: bytes) -> tuple[int, dict[str, Any]]:

@@ -10,6 +10,7 @@ Needs root and cgroups, like test_bwrap_limits.py; fails (never skips) elsewhere
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import kill_leftovers, processes_with
+from helpers import kill_leftovers, processes_with, wait_for
 
 from planetary_mesh.errors import SandboxError
 from planetary_mesh.sandbox.bwrap import BwrapRunner
@@ -493,3 +494,29 @@ def test_a_clean_task_cgroup_is_reused_and_one_with_leftovers_or_an_oom_is_not(
         assert str(56 * MIB) in output and fresh not in output
 
     drive(jobs, task_account, WarmMode.ALWAYS, scenario)
+
+
+def sandbox_processes(jobs: Jobs) -> list[psutil.Process]:
+    """bwrap and launcher processes of sandboxes whose folders lie under this test's root."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(str(jobs.root) in arg for arg in process.info["cmdline"] or []):
+                found.append(process)
+    return found
+
+
+def test_a_runner_closed_while_spares_are_being_made_leaves_no_process_behind(
+    jobs: Jobs, task_account: TaskUser
+) -> None:
+    # A spare's bwrap killed before it has named its sandbox's first process must not leave
+    # that process behind (it is outside every cgroup until the launcher joins its own).
+    for delay in (0.0, 0.002, 0.005, 0.01, 0.02, 0.05):
+
+        async def scenario(runner: BwrapRunner, delay: float = delay) -> None:
+            outcome, output = await run(runner, launch(jobs, f"job-{delay}", "true", size=1))
+            assert outcome.exit_code == 0, output
+            await asyncio.sleep(delay)  # spares are being made; the runner closes now
+
+        drive(jobs, task_account, WarmMode.AUTO, scenario)
+        wait_for(lambda: not sandbox_processes(jobs), 5, f"no sandbox left ({delay}s)")

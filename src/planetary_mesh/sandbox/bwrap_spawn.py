@@ -129,6 +129,11 @@ async def spawn_bwrap(
     except BaseException as error:
         # Failed or cancelled part way (the agent stopping while a task starts): nothing of
         # the task may go on, unwatched or stuck in bwrap's set-up, nor hold its cgroup.
+        if transport is not None:
+            # bwrap's child (the sandbox's first process) may be outside any cgroup yet (a
+            # warm sandbox's launcher joins its own), and one whose parent died before it set
+            # its parent-death signal was seen to wait for ever: kill it first, by name.
+            kill_children(transport.get_pid())
         kill(bwrap_pidfd)
         close_fd(bwrap_pidfd)
         if status_read >= 0:
@@ -260,6 +265,30 @@ def sandbox_init_pidfd(info: dict[str, object]) -> int | None:
             os.close(pidfd)
             return None
     return pidfd
+
+
+def kill_children(pid: int) -> None:
+    """SIGKILL the children of ``pid`` (a process of ours, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as listing:
+            children = [int(child) for child in listing.read().split()]
+    except OSError:
+        return  # gone: its children, if any, were reparented and are out of reach by name
+    for child in children:
+        pidfd = pidfd_open(child)
+        if pidfd is None:
+            continue
+        try:
+            # The pidfd pins the process: is it still the child of ours, not a newcomer that
+            # took its pid after it exited?
+            with open(f"/proc/{child}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            if parent == pid:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            pass
+        finally:
+            os.close(pidfd)
 
 
 def renice(pid: int | None, nice: int) -> None:

@@ -164,7 +164,10 @@ class _Group:
         # v1 has no cgroup.kill: kill what is listed, once. A process forked meanwhile shows
         # up in the next look, and every caller looks again until the cgroup is empty (and
         # kills again): spinning here until the killed had exited read cgroup.procs up to
-        # 100 times a kill, on the event loop.
+        # 100 times a kill, on the event loop. Most often the task is over and nothing is left:
+        # one hierarchy tells (see empty()), where listing all three costs three reads.
+        if self.empty():
+            return
         for pid in self._pids():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ CGROUP_POLL_S = 0.005  # killed processes leave their cgroup within milliseconds
 class Spawned:
     """A bwrap whose sandbox exists, and what reads it."""
 
-    transport: asyncio.SubprocessTransport
+    transport: BwrapProcess
     pipes: ProcessPipes
     status: StatusPipe
     status_transport: asyncio.ReadTransport
@@ -76,43 +77,39 @@ async def spawn_bwrap(
         set_rlimits()
 
     status_read, status_write = os.pipe()
-    transport: asyncio.SubprocessTransport | None = None
+    output_read, output_write = os.pipe()
+    transport: BwrapProcess | None = None
     status_transport: asyncio.ReadTransport | None = None
     bwrap_pidfd: int | None = None
     try:
         try:
             # Spawned from the event loop's thread, which lives as long as the agent:
             # bwrap's --die-with-parent fires when the *thread* that forked it ends.
-            creating = asyncio.ensure_future(
-                loop.subprocess_exec(
-                    pipes_factory,
-                    *command(status_write),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    pass_fds=(status_write, *pass_fds),
-                    env={},  # bwrap needs none; the task's comes from --setenv
-                    preexec_fn=None if joins_itself else enter_limits,
-                )
+            popen = subprocess.Popen(
+                command(status_write),
+                stdin=subprocess.DEVNULL,
+                stdout=output_write,
+                stderr=output_write,
+                pass_fds=(status_write, *pass_fds),
+                env={},  # bwrap needs none; the task's comes from --setenv
+                preexec_fn=None if joins_itself else enter_limits,
             )
-            try:
-                transport, pipes = await asyncio.shield(creating)
-            except asyncio.CancelledError:
-                # Cancelled part way, subprocess_exec can wait for ever on output pipes it had
-                # not yet connected (CPython 3.11; seen about once in 500 cancels). So let it
-                # finish, which takes milliseconds; the clean-up below then kills what it made.
-                with contextlib.suppress(Exception):
-                    transport, _ = await creating
-                raise
         except (OSError, subprocess.SubprocessError) as error:
             raise SandboxError(f"cannot run bwrap ({executable}): {error}") from error
         finally:
             os.close(status_write)
-        assert transport is not None  # made, or we raised
+            os.close(output_write)
+        transport = BwrapProcess(popen, pipes_factory())
+        pipes = transport.pipes
         if nice:
             # Set before bwrap forks the sandbox's init (it first parses and sets up), which
             # inherits it; a lost race costs only speed.
             renice(transport.get_pid(), nice)
+        output_file = open(output_read, "rb", buffering=0)  # noqa: SIM115 - its transport closes it
+        output_read = -1
+        transport.output, _ = await loop.connect_read_pipe(
+            functools.partial(_Output, pipes), output_file
+        )
         bwrap_pidfd = pidfd_open(transport.get_pid())
         status_transport, status = await loop.connect_read_pipe(
             StatusPipe,
@@ -136,8 +133,9 @@ async def spawn_bwrap(
             kill_children(transport.get_pid())
         kill(bwrap_pidfd)
         close_fd(bwrap_pidfd)
-        if status_read >= 0:
-            os.close(status_read)
+        for unread in (status_read, output_read):
+            if unread >= 0:
+                os.close(unread)
         for closing in (transport, status_transport):
             if closing is not None:
                 closing.close()
@@ -147,6 +145,68 @@ async def spawn_bwrap(
             raise SandboxError(f"bwrap made no sandbox in {SETUP_TIMEOUT_S:g}s") from error
         raise
     return Spawned(transport, pipes, status, status_transport, bwrap_pidfd, info)
+
+
+class BwrapProcess:
+    """bwrap, a child of ours, watched through a pidfd; its output comes on a pipe of ours.
+
+    Not asyncio's ``subprocess_exec``: cancelled part way (the agent stopping, or a runner
+    closing, as a sandbox starts), CPython 3.11's waits for ever for output pipes it had not yet
+    connected, and the event loop's shutdown waits with it (seen as a hung test). Here nothing
+    is left half made: the process is watched from the moment it exists, and reaped when it
+    exits (``pipes.process_exited`` then)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], pipes: ProcessPipes) -> None:
+        self.pipes = pipes
+        self.output: asyncio.BaseTransport | None = None
+        self._popen = popen
+        self._loop = asyncio.get_running_loop()
+        self._pidfd: int | None = os.pidfd_open(popen.pid)  # not reaped yet: it is ours
+        self._loop.add_reader(self._pidfd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        if self._popen.poll() is None:
+            return
+        self._stop_watching()
+        self.pipes.process_exited()
+
+    def _stop_watching(self) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(RuntimeError):  # the event loop is closed already
+                self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def get_pid(self) -> int:
+        return self._popen.pid
+
+    def get_returncode(self) -> int | None:
+        return self._popen.returncode
+
+    def close(self) -> None:
+        """Close its output; kill it if it still runs (it is reaped once it has exited)."""
+        if self.output is not None:
+            with contextlib.suppress(RuntimeError):
+                self.output.close()
+        if self._popen.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._popen.kill()  # still our unreaped child: the pid is its own
+
+
+class _Output(asyncio.Protocol):
+    """bwrap's merged stdout and stderr, handed to its ProcessPipes."""
+
+    def __init__(self, pipes: ProcessPipes) -> None:
+        self._pipes = pipes
+
+    def data_received(self, data: bytes) -> None:
+        self._pipes.pipe_data_received(1, data)
+
+    def eof_received(self) -> bool | None:
+        return None  # let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._pipes.pipe_connection_lost(1, exc)
 
 
 class StatusPipe(asyncio.Protocol):

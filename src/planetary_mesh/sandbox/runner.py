@@ -396,13 +396,23 @@ class SupervisedTask:
         """Free what the subclass holds (file descriptors) once the task is over."""
 
 
+class ChildProcess(Protocol):
+    """A child of the agent's: an asyncio subprocess transport, or bwrap's BwrapProcess."""
+
+    def get_pid(self) -> int: ...
+
+    def get_returncode(self) -> int | None: ...
+
+    def close(self) -> None: ...
+
+
 class ProcessTask(SupervisedTask):
-    """A task whose main process is a child of the agent, started with ``subprocess_exec``."""
+    """A task whose main process is a child of the agent."""
 
     def __init__(
         self,
         launch: TaskLaunch,
-        transport: asyncio.SubprocessTransport,
+        transport: ChildProcess,
         pipes: ProcessPipes,
     ) -> None:
         self._transport = transport

@@ -48,7 +48,8 @@ def test_a_removed_node_is_cut_off_its_task_moves_and_its_certificate_stays_refu
     tmp_path: Path,
 ) -> None:
     marker = f"mesh-remove-{uuid.uuid4().hex}"
-    code = "import time; time.sleep(2); print('done')"
+    # Long enough to outlast `mesh nodes remove` (a Python start) on a loaded 2-core machine.
+    code = "import time; time.sleep(6); print('done')"
     try:
         with LocalMesh(tmp_path, agents=2, agent_cpus=1) as mesh, mesh.client() as client:
             job = client.submit(JobSubmit(argv=["python3", "-c", code, marker], count=2))

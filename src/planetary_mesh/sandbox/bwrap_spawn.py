@@ -101,6 +101,12 @@ async def spawn_bwrap(
             os.close(output_write)
         transport = BwrapProcess(popen, pipes_factory())
         pipes = transport.pipes
+        if joins_itself:
+            # The launcher joins its cgroup itself, but bwrap forks the sandbox's first process
+            # before that: with bwrap moved in now (it first parses and sets up for a while),
+            # that process is born in the cgroup, where a kill, or the sweep after a crashed
+            # agent, reaches it. Outside, one was seen waiting for ever once bwrap died early.
+            _join(procs, popen.pid)
         if nice:
             # Set before bwrap forks the sandbox's init (it first parses and sets up), which
             # inherits it; a lost race costs only speed.
@@ -145,6 +151,16 @@ async def spawn_bwrap(
             raise SandboxError(f"bwrap made no sandbox in {SETUP_TIMEOUT_S:g}s") from error
         raise
     return Spawned(transport, pipes, status, status_transport, bwrap_pidfd, info)
+
+
+def _join(procs: list[Path], pid: int) -> None:
+    for path in procs:
+        with contextlib.suppress(OSError):  # gone already: nothing to count
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, str(pid).encode())
+            finally:
+                os.close(fd)
 
 
 class BwrapProcess:

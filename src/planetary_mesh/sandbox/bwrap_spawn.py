@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from planetary_mesh.errors import SandboxError
-from planetary_mesh.sandbox.limits import TaskCgroup, set_rlimits
+from planetary_mesh.sandbox.limits import TaskCgroup, join_cgroup, set_rlimits
 from planetary_mesh.sandbox.runner import OUTPUT_GRACE_S, ProcessPipes
 from planetary_mesh.sandbox.user import TaskUser
 
@@ -106,7 +106,7 @@ async def spawn_bwrap(
             # before that: with bwrap moved in now (it first parses and sets up for a while),
             # that process is born in the cgroup, where a kill, or the sweep after a crashed
             # agent, reaches it. Outside, one was seen waiting for ever once bwrap died early.
-            _join(procs, popen.pid)
+            join_cgroup(procs, popen.pid)
         if nice:
             # Set before bwrap forks the sandbox's init (it first parses and sets up), which
             # inherits it; a lost race costs only speed.
@@ -151,16 +151,6 @@ async def spawn_bwrap(
             raise SandboxError(f"bwrap made no sandbox in {SETUP_TIMEOUT_S:g}s") from error
         raise
     return Spawned(transport, pipes, status, status_transport, bwrap_pidfd, info)
-
-
-def _join(procs: list[Path], pid: int) -> None:
-    for path in procs:
-        with contextlib.suppress(OSError):  # gone already: nothing to count
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                os.write(fd, str(pid).encode())
-            finally:
-                os.close(fd)
 
 
 class BwrapProcess:

@@ -101,6 +101,14 @@ def _write(path: Path, value: str) -> None:
         os.close(fd)
 
 
+def join_cgroup(procs: list[Path], pid: int) -> None:
+    """Move ``pid`` into a cgroup through its ``cgroup.procs`` files; one gone already (the
+    cgroup removed meanwhile) is skipped."""
+    for path in procs:
+        with contextlib.suppress(OSError):
+            _write(path, str(pid))
+
+
 def _read(path: Path) -> str:
     """A small control file (the cgroup files read after each task)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

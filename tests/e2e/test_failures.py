@@ -9,7 +9,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import time
 import uuid
 from pathlib import Path
 

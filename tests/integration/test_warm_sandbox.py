@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import shutil
 import tempfile
 import time
@@ -25,18 +26,22 @@ from helpers import kill_leftovers, processes_with, wait_for
 
 from planetary_mesh.errors import SandboxError
 from planetary_mesh.sandbox.bwrap import BwrapRunner
+from planetary_mesh.sandbox.launchers import (
+    C_SOURCE,
+    LAUNCHER_INSIDE,
+    PYTHON_SOURCE,
+    cache_folder,
+    native_launcher,
+)
 from planetary_mesh.sandbox.limits import CGROUP_ROOT, Limits, detect_cgroups, own_cgroups
 from planetary_mesh.sandbox.runner import EndReason, RunningTask, TaskLaunch, TaskOutcome
 from planetary_mesh.sandbox.user import TaskUser
-from planetary_mesh.sandbox.warm import (
-    LAUNCHER,
-    LAUNCHER_INSIDE,
-    SPARES,
-    WarmMode,
-    WarmSandbox,
-)
+from planetary_mesh.sandbox.warm import SPARES, WarmMode, WarmSandbox
 
 MIB = 2**20
+# The tests of the launcher's own work run with both: the C one the agent compiles, and the
+# Python one it falls back to.
+BOTH_LAUNCHERS = pytest.mark.parametrize("native", [True, False], ids=["c", "python"])
 
 
 @dataclass
@@ -77,11 +82,12 @@ def drive(
     mode: WarmMode,
     body: Callable[[BwrapRunner], Awaitable[None]],
     idle_s: float = 30,
+    native: bool = True,
 ) -> None:
     """Run ``body`` with a runner in one event loop, the runner closed in that loop at the end."""
 
     async def go() -> None:
-        runner = make_runner(jobs, user, mode, idle_s)
+        runner = make_runner(jobs, user, mode, idle_s, native)
         try:
             await body(runner)
         finally:
@@ -90,10 +96,19 @@ def drive(
     asyncio.run(go())
 
 
-def make_runner(jobs: Jobs, user: TaskUser, mode: WarmMode, idle_s: float = 30) -> BwrapRunner:
-    runner = BwrapRunner(user=user, cgroups=detect_cgroups(), warm=mode, warm_idle_s=idle_s)
+def make_runner(
+    jobs: Jobs, user: TaskUser, mode: WarmMode, idle_s: float = 30, native: bool = True
+) -> BwrapRunner:
+    runner = BwrapRunner(
+        user=user,
+        cgroups=detect_cgroups(),
+        warm=mode,
+        warm_idle_s=idle_s,
+        native_launcher=native,
+    )
     jobs.runners.append(runner)
     assert runner.warm is not None, "no warm sandboxes: no cgroups or no Python under /usr"
+    assert runner.launcher is not None and runner.launcher.native is native, runner.launcher
     return runner
 
 
@@ -153,8 +168,9 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = 10) -
         await asyncio.sleep(0.01)
 
 
+@BOTH_LAUNCHERS
 def test_tasks_of_a_job_share_one_warm_sandbox_each_in_its_own_directory(
-    jobs: Jobs, task_account: TaskUser
+    jobs: Jobs, task_account: TaskUser, native: bool
 ) -> None:
     async def scenario(runner: BwrapRunner) -> None:
         # The job's first task runs in a fresh sandbox while its warm one is made.
@@ -182,7 +198,7 @@ def test_tasks_of_a_job_share_one_warm_sandbox_each_in_its_own_directory(
         assert sandboxes(runner) == [sandbox] and sandbox.launcher_pid is not None
         assert psutil.Process(sandbox.launcher_pid).is_running()
 
-    drive(jobs, task_account, WarmMode.AUTO, scenario)
+    drive(jobs, task_account, WarmMode.AUTO, scenario, native=native)
 
 
 def test_a_new_job_takes_the_spare_sandbox_made_ahead_and_another_is_made(
@@ -252,8 +268,9 @@ def test_different_jobs_never_share_a_sandbox(jobs: Jobs, task_account: TaskUser
     drive(jobs, task_account, WarmMode.ALWAYS, scenario)
 
 
+@BOTH_LAUNCHERS
 def test_a_warm_task_keeps_its_own_cgroup_limits_and_exit_status(
-    jobs: Jobs, task_account: TaskUser
+    jobs: Jobs, task_account: TaskUser, native: bool
 ) -> None:
     async def scenario(runner: BwrapRunner) -> None:
         outcome, output = await run(runner, launch(jobs, "job", "cat /proc/self/cgroup"))
@@ -290,11 +307,12 @@ def test_a_warm_task_keeps_its_own_cgroup_limits_and_exit_status(
             await run(runner, missing)
         assert sandboxes(runner) == [sandbox] and sandbox.ready  # none of it hurt the sandbox
 
-    drive(jobs, task_account, WarmMode.ALWAYS, scenario)
+    drive(jobs, task_account, WarmMode.ALWAYS, scenario, native=native)
 
 
+@BOTH_LAUNCHERS
 def test_cancel_kills_a_warm_tasks_daemonised_children_and_leaves_its_neighbours(
-    jobs: Jobs, task_account: TaskUser
+    jobs: Jobs, task_account: TaskUser, native: bool
 ) -> None:
     async def scenario(runner: BwrapRunner) -> None:
         neighbour = await runner.start(launch(jobs, "job", "sleep 30"), lambda _: None)
@@ -314,10 +332,13 @@ def test_cancel_kills_a_warm_tasks_daemonised_children_and_leaves_its_neighbours
         neighbour.cancel("done")
         assert (await neighbour.wait()).reason is EndReason.CANCELLED
 
-    drive(jobs, task_account, WarmMode.ALWAYS, scenario)
+    drive(jobs, task_account, WarmMode.ALWAYS, scenario, native=native)
 
 
-def test_no_task_can_kill_or_trace_the_launcher(jobs: Jobs, task_account: TaskUser) -> None:
+@BOTH_LAUNCHERS
+def test_no_task_can_kill_or_trace_the_launcher(
+    jobs: Jobs, task_account: TaskUser, native: bool
+) -> None:
     async def scenario(runner: BwrapRunner) -> None:
         attack = (
             "for s in KILL TERM INT HUP QUIT USR1; do kill -$s 1; done; kill -9 -1;"
@@ -330,7 +351,7 @@ def test_no_task_can_kill_or_trace_the_launcher(jobs: Jobs, task_account: TaskUs
         assert outcome.exit_code == 0 and output == "still-warm\n"
         assert sandboxes(runner) == [sandbox] and sandbox.ready
 
-    drive(jobs, task_account, WarmMode.ALWAYS, scenario)
+    drive(jobs, task_account, WarmMode.ALWAYS, scenario, native=native)
 
 
 def test_an_idle_warm_sandbox_closes_and_leaves_nothing_behind(
@@ -448,16 +469,77 @@ def test_the_launcher_bound_is_a_copy_the_task_user_can_reach(
 ) -> None:
     # The package may live where the task user cannot look (a venv in a private home, a
     # checkout in a 0700 folder); bwrap binds the launcher as that user, so it binds a copy.
-    # It is compiled once, by the Python that runs it: a script is compiled at every start.
-    runner = make_runner(jobs, task_account, WarmMode.ALWAYS)
-    source = runner.launcher.with_suffix(".py")
-    assert runner.launcher.suffix == ".pyc" and source.read_bytes() == LAUNCHER.read_bytes()
-    assert runner.launcher.stat().st_mode & 0o777 == 0o644
-    assert runner.launcher.parent.stat().st_mode & 0o777 == 0o711
-    command = runner.warm_command(jobs.root, False, (), "/usr/bin/python3", [3, 5], 4)
-    assert command[command.index(LAUNCHER_INSIDE) - 1] == str(runner.launcher)
-    runner.close()
-    assert not runner.launcher.exists() and not source.exists()  # nothing left once closed
+    # The C one is compiled once per source and cached; the Python one is compiled once, by the
+    # Python that runs it: a script is compiled at every start.
+    native = make_runner(jobs, task_account, WarmMode.ALWAYS)
+    assert native.launcher is not None
+    binary = native.launcher.path
+    cached = (
+        cache_folder() / f"warm-launcher-{hashlib.sha256(C_SOURCE.read_bytes()).hexdigest()[:16]}"
+    )
+    assert binary.read_bytes() == cached.read_bytes()
+    assert binary.stat().st_mode & 0o777 == 0o755
+    assert binary.parent.stat().st_mode & 0o777 == 0o711
+    command = native.warm_command(jobs.root, False, (), [3, 5], 4)
+    assert command[command.index(LAUNCHER_INSIDE) - 1] == str(binary)
+    assert command[-5:-3] == ["--", LAUNCHER_INSIDE]  # run as it is
+    assert (command[-3], command[-1]) == ("3", "5")  # its socket, then its home cgroups
+
+    python = make_runner(jobs, task_account, WarmMode.ALWAYS, native=False)
+    assert python.launcher is not None
+    compiled = python.launcher.path
+    source = compiled.with_suffix(".py")
+    assert compiled.suffix == ".pyc" and source.read_bytes() == PYTHON_SOURCE.read_bytes()
+    assert compiled.stat().st_mode & 0o777 == 0o644
+    command = python.warm_command(jobs.root, False, (), [3, 5], 4)
+    assert command[command.index(LAUNCHER_INSIDE) - 1] == str(compiled)
+    interpreter, *flags = python.launcher.argv
+    assert interpreter.startswith("/usr/") and flags == ["-I", "-S", LAUNCHER_INSIDE]
+    assert command[-7:-3] == [interpreter, *flags]
+    for runner in (native, python):
+        runner.close()
+    assert not binary.exists() and not compiled.exists() and not source.exists()
+
+
+def test_without_a_working_c_compiler_the_python_launcher_runs_and_the_log_says_why(
+    jobs: Jobs,
+    task_account: TaskUser,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # No compiler at all: the warning names the package to install.
+    bwrap = shutil.which("bwrap")
+    with monkeypatch.context() as patch:
+        patch.setenv("PATH", str(tmp_path))
+        runner = BwrapRunner(bwrap, task_account, detect_cgroups(), warm=WarmMode.ALWAYS)
+    jobs.runners.append(runner)
+    assert runner.launcher is not None and not runner.launcher.native
+    assert "apt-get install gcc" in caplog.text
+
+    # A compiler that fails: its own last words are in the warning, nothing half made is kept.
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'cc: fatal error: no space left' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    caplog.clear()
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert native_launcher(cache) is None
+    assert "cc: fatal error: no space left" in caplog.text and "Python launcher" in caplog.text
+    assert list(cache.iterdir()) == []
+
+    # And the Python launcher runs tasks.
+    async def scenario() -> None:
+        try:
+            outcome, output = await run(runner, launch(jobs, "job", "echo $JOB"))
+            assert outcome.exit_code == 0 and output == "job\n", output
+            [sandbox] = sandboxes(runner)
+            assert sandbox.launcher_pid is not None
+            assert psutil.Process(sandbox.launcher_pid).name().startswith("python")
+        finally:
+            runner.close()
+
+    asyncio.run(scenario())
 
 
 def test_a_clean_task_cgroup_is_reused_and_one_with_leftovers_or_an_oom_is_not(

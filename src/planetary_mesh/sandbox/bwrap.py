@@ -39,6 +39,7 @@ from planetary_mesh.sandbox.bwrap_spawn import (
     sandbox_init_pidfd,
     spawn_bwrap,
 )
+from planetary_mesh.sandbox.launchers import LAUNCHER_INSIDE, Launcher, prepare_launcher
 from planetary_mesh.sandbox.limits import RLIMITS, CgroupBackend, TaskCgroup, move_warmer
 from planetary_mesh.sandbox.reaper import start_reaper
 from planetary_mesh.sandbox.runner import (
@@ -52,15 +53,7 @@ from planetary_mesh.sandbox.runner import (
 )
 from planetary_mesh.sandbox.scratch import make_scratch
 from planetary_mesh.sandbox.user import TaskUser
-from planetary_mesh.sandbox.warm import (
-    LAUNCHER,
-    LAUNCHER_INSIDE,
-    MAX_WARM_SANDBOXES,
-    WARM_IDLE_S,
-    WarmMode,
-    WarmPool,
-    launcher_python,
-)
+from planetary_mesh.sandbox.warm import MAX_WARM_SANDBOXES, WARM_IDLE_S, WarmMode, WarmPool
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +78,7 @@ class BwrapRunner:
         warm: WarmMode = WarmMode.AUTO,
         warm_idle_s: float = WARM_IDLE_S,
         warm_pool_size: int = MAX_WARM_SANDBOXES,
+        native_launcher: bool = True,
     ) -> None:
         found = executable or shutil.which("bwrap")
         if found is None:
@@ -98,24 +92,18 @@ class BwrapRunner:
             start_reaper(cgroups.tag) if cgroups is not None and cgroups.controllers else None
         )
         self._move_warmer = None if cgroups is None else move_warmer(cgroups)
-        # Warm sandboxes rely on task cgroups to kill a task whole, and run a Python launcher.
-        python = launcher_python() if self._reaper_pipe is not None else None
-        # bwrap binds the launcher after it has dropped to the task user, so the package's own
-        # copy may sit where that user cannot look (a venv in a private home): bind a copy that
-        # root owns and everyone may read instead.
+        # Warm sandboxes rely on task cgroups to kill a task whole, and run a launcher: the
+        # task user must be able to reach the copy bwrap binds (see launchers.py).
         self._launcher_dir = make_scratch("launcher")
         self._launcher_dir.chmod(0o711)
-        self.launcher = self._launcher_dir / LAUNCHER.name
-        shutil.copyfile(LAUNCHER, self.launcher)
-        self.launcher.chmod(0o644)
-        if python is not None:
-            self.launcher = _compiled(python, self.launcher)
+        self.launcher: Launcher | None = None
+        if self._reaper_pipe is not None and warm is not WarmMode.OFF:
+            self.launcher = prepare_launcher(self._launcher_dir, native_launcher)
         self.warm = (
             None
-            if python is None or cgroups is None or warm is WarmMode.OFF
+            if self.launcher is None or cgroups is None
             else WarmPool(
                 warm,
-                python,
                 self.warm_command,
                 cgroups,
                 self.executable,
@@ -194,7 +182,6 @@ class BwrapRunner:
         jobdir: Path,
         network: bool,
         ro_binds: tuple[str, ...],
-        python: str,
         launcher_fds: list[int],
         status_fd: int,
     ) -> list[str]:
@@ -203,11 +190,12 @@ class BwrapRunner:
         own cgroup.procs files; it takes the rlimits itself (see warm_launcher.py)."""
         argv = [*self._bwrap(status_fd), *self._namespaces(network), "--as-pid-1"]
         argv += ["--bind", str(jobdir.resolve()), "/work", "--chdir", "/work"]
-        argv += ["--ro-bind", str(self.launcher), LAUNCHER_INSIDE]
+        assert self.launcher is not None  # no warm pool without one
+        argv += ["--ro-bind", str(self.launcher.path), LAUNCHER_INSIDE]
         argv += _read_only_binds(ro_binds)
-        argv += [*self._READ_ONLY, "--clearenv", "--", python, "-I", "-S"]
+        argv += [*self._READ_ONLY, "--clearenv", "--", *self.launcher.argv]
         rlimits = ",".join(f"{name}={value}" for name, value in RLIMITS.items())
-        return [*argv, LAUNCHER_INSIDE, str(launcher_fds[0]), rlimits, *map(str, launcher_fds[1:])]
+        return [*argv, str(launcher_fds[0]), rlimits, *map(str, launcher_fds[1:])]
 
     async def start(self, launch: TaskLaunch, on_output: OutputSink) -> RunningTask:
         launch.check_workdir()
@@ -312,25 +300,3 @@ def bwrap_problem(executable: str, user: TaskUser | None = None) -> str | None:
     lines = done.stderr.decode(errors="replace").strip().splitlines()
     detail = lines[-1] if lines else f"exit status {done.returncode}"
     return f"bubblewrap (bwrap) cannot make a sandbox here ({detail})"
-
-
-def _compiled(python: str, source: Path) -> Path:
-    """``source`` compiled by ``python`` (the one that runs it in the sandbox), beside it: a
-    script run from source is compiled at every start, ~2 ms of each new job's sandbox.
-    The source itself if that fails (it runs as well, a little slower)."""
-    compiled = source.with_suffix(".pyc")
-    try:
-        subprocess.run(
-            [python, "-I", "-S", "-c", _COMPILE, str(source), str(compiled)],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        compiled.chmod(0o644)
-    except (OSError, subprocess.SubprocessError) as error:
-        log.warning("could not compile the warm sandbox launcher (%s); it runs from source", error)
-        return source
-    return compiled
-
-
-_COMPILE = "import py_compile, sys; py_compile.compile(sys.argv[1], sys.argv[2], doraise=True)"

@@ -28,12 +28,10 @@ import contextlib
 import functools
 import itertools
 import logging
-import marshal
 import os
 import shutil
 import signal
 import socket
-import sys
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
@@ -67,10 +65,6 @@ from planetary_mesh.sandbox.runner import (
 
 log = logging.getLogger(__name__)
 
-LAUNCHER = Path(__file__).with_name("warm_launcher.py")
-# Where the sandbox shows it, read only: compiled (Python tells by its first bytes), or its
-# source if it could not be compiled.
-LAUNCHER_INSIDE = "/run/planetary-mesh/launcher"
 WARM_IDLE_S = 5.0  # a warm sandbox whose job has had no task here for this long is closed
 MAX_WARM_SANDBOXES = 8  # at once per agent; more busy jobs at once get fresh sandboxes
 SPARES = 3  # kept ready per agent once it runs tasks: one-task jobs come faster than one is made
@@ -82,6 +76,13 @@ SINGLE_TASK_IDLE_S = 0.0
 # launcher's start-up: ~10 ms of CPU) takes no CPU from running tasks and the messages that
 # start and end them; ready, or wanted by a job, it is set back to normal.
 SPARE_NICE = 19
+# A spare is made once the agent has started or ended no task for SPARE_QUIET_S (or, with tasks
+# starting and ending back to back, SPARE_MAX_WAIT_S after it was wanted): spawning bwrap holds
+# the agent's event loop ~1-3 ms (Popen forks the agent and waits for the exec), and made right
+# after a task's start it sat between that task's end and its report (traced: a one-task job's
+# end reached the coordinator 1-7 ms later).
+SPARE_QUIET_S = 0.005
+SPARE_MAX_WAIT_S = 0.1
 MAX_START_FAILURES = 3  # in a row, before the agent gives up on warm sandboxes
 # The launcher itself: a small Python, and the children it forked but the agent has not yet
 # moved to their own cgroups.
@@ -102,14 +103,6 @@ class WarmMode(StrEnum):
 class WarmUnavailable(Exception):
     """The warm sandbox cannot take this task (closed, full, or the launch does not fit): the
     runner starts the task in a fresh sandbox instead. Not a failure of the task."""
-
-
-def launcher_python() -> str | None:
-    """A Python the sandbox can run (it shows the host's /usr and nothing else), or None."""
-    for candidate in (os.path.realpath(sys.executable), "/usr/bin/python3"):
-        if candidate.startswith("/usr/") and os.access(candidate, os.X_OK):
-            return candidate
-    return None
 
 
 class WarmSandbox:
@@ -149,6 +142,7 @@ class WarmSandbox:
         self.active = 0  # tasks starting or running in it
         self._idle_timer: asyncio.TimerHandle | None = None
         self.starting: asyncio.Task[None] | None = None  # set by the pool
+        self.on_task_done: Callable[[], None] | None = None  # set by the pool
 
     async def start(self) -> None:
         """Make the sandbox and wait for its launcher's hello. Raises SandboxError."""
@@ -225,18 +219,7 @@ class WarmSandbox:
         if not self.ready or self.closed or self._control is None:
             raise WarmUnavailable("the warm sandbox is not ready")
         task_id = next(self._ids)
-        # marshal: the launcher needs no module to read it (importing json cost it ~10 ms).
-        request = marshal.dumps(
-            {
-                "id": task_id,
-                "argv": list(launch.argv),
-                "env": launch.environment(launch.sandbox_workdir),
-                "cwd": launch.sandbox_workdir,
-            },
-            4,
-        )
-        if len(request) > MAX_REQUEST_BYTES:
-            raise WarmUnavailable("the launch is too large to send")
+        request = _request(task_id, launch)
         limits = launch.limits or Limits()
         group = self._task_cgroup(limits)
         loop = asyncio.get_running_loop()
@@ -342,6 +325,8 @@ class WarmSandbox:
     def task_done(self) -> None:
         self.active -= 1
         self._arm_idle_timer()
+        if self.on_task_done is not None:
+            self.on_task_done()
 
     def adopt(self, jobdir: Path, idle_s: float) -> None:
         """A spare sandbox becomes a job's: ``jobdir`` is now the folder bound at /work."""
@@ -474,15 +459,13 @@ class WarmPool:
     def __init__(
         self,
         mode: WarmMode,
-        python: str,
-        command: Callable[[Path, bool, tuple[str, ...], str, list[int], int], list[str]],
+        command: Callable[[Path, bool, tuple[str, ...], list[int], int], list[str]],
         cgroups: CgroupBackend,
         executable: str,
         idle_s: float = WARM_IDLE_S,
         size: int = MAX_WARM_SANDBOXES,
     ) -> None:
         self.mode = mode
-        self.python = python
         self._failures = 0  # starts that failed in a row
         self.enabled = True
         self._command = command
@@ -497,6 +480,8 @@ class WarmPool:
         self._reaper = CgroupReaper()
         self._root: Path | None = None  # where the agent keeps jobs' folders, and spares'
         self._closed = False
+        self._spares_timer: asyncio.TimerHandle | None = None
+        self._spares_wanted_since: float | None = None
 
     def sandboxes(self) -> list[WarmSandbox]:
         """The jobs' sandboxes (not the spare)."""
@@ -531,7 +516,7 @@ class WarmPool:
         try:
             return await self._spawn_in(sandbox, key, launch, on_output)
         finally:
-            self._keep_spares()  # once this task has started: making one takes CPU it needs
+            self._want_spares()  # once this task has started: making one takes CPU it needs
 
     async def _spawn_in(
         self,
@@ -569,7 +554,7 @@ class WarmPool:
         """A sandbox for ``jobdir``, being made in the background."""
         sandbox = WarmSandbox(
             jobdir,
-            functools.partial(self._command, jobdir, network, ro_binds, self.python),
+            functools.partial(self._command, jobdir, network, ro_binds),
             self._cgroups,
             self._executable,
             idle_s,
@@ -577,17 +562,36 @@ class WarmPool:
             self._reaper,
             background,
         )
+        sandbox.on_task_done = self._want_spares
         sandbox.starting = asyncio.create_task(self._start(sandbox))
         self._starting.add(sandbox.starting)
         sandbox.starting.add_done_callback(self._starting.discard)
         return sandbox
 
+    def _want_spares(self) -> None:
+        """Make spares (_keep_spares) once no task has started or ended here for
+        SPARE_QUIET_S, or SPARE_MAX_WAIT_S after the first call, whichever comes first."""
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._spares_wanted_since is None:
+            self._spares_wanted_since = now
+        if self._spares_timer is not None:
+            self._spares_timer.cancel()
+        latest = self._spares_wanted_since + SPARE_MAX_WAIT_S - now
+        self._spares_timer = loop.call_later(
+            max(0.0, min(SPARE_QUIET_S, latest)), self._keep_spares
+        )
+
     def _keep_spares(self) -> None:
         """Have SPARES spare sandboxes ready, each in a folder of its own beside the jobs'
         folders: the next jobs that fit take them, so a job's first task starts as quickly as
         its later ones. Made only once the agent has run something, and closed after
-        SPARE_IDLE_S unused, so an idle agent holds none. Made one at a time, each once the
-        task that took the last has started, at low CPU priority (SPARE_NICE)."""
+        SPARE_IDLE_S unused, so an idle agent holds none. Made one at a time, at low CPU
+        priority (SPARE_NICE), when no task has started or ended for a moment (_want_spares)."""
+        self._spares_timer = None
+        self._spares_wanted_since = None
         self._spares = [spare for spare in self._spares if not spare.closed]
         root = self._root
         if root is None or self._closed or not self.enabled:
@@ -596,9 +600,8 @@ class WarmPool:
             return  # one is being made; the next is made once it is ready
         if len(self._spares) >= SPARES:
             return
-        self._make_room()
         if len(self._sandboxes) >= self._size:
-            return
+            return  # a job's idle sandbox is not closed for a spare: its job may go on
         folder = root / f".spare-{next(self._spare_ids)}"
         try:
             folder.mkdir(mode=0o711)  # as the agent makes a job's folder
@@ -608,7 +611,7 @@ class WarmPool:
         spare = self._new_sandbox(folder, False, (), SPARE_IDLE_S, background=True)
         self._spares.append(spare)
         assert spare.starting is not None
-        spare.starting.add_done_callback(lambda _: self._keep_spares())
+        spare.starting.add_done_callback(lambda _: self._want_spares())
 
     def _claim_spare(
         self, key: tuple[str, bool, Path, tuple[str, ...]], launch: TaskLaunch
@@ -684,6 +687,8 @@ class WarmPool:
 
     def close(self) -> None:
         self._closed = True
+        if self._spares_timer is not None:
+            self._spares_timer.cancel()
         for starting in list(self._starting):
             starting.cancel()
         for sandbox in list(self._sandboxes.values()):
@@ -691,6 +696,21 @@ class WarmPool:
         for spare in list(self._spares):
             spare.close()
         self._reaper.finish()
+
+
+def _request(task_id: int, launch: TaskLaunch) -> bytes:
+    """What the launcher is sent: NUL-terminated fields, which C and a bare Python read alike
+    (see warm_launcher.py). Raises WarmUnavailable for a launch that cannot be sent so."""
+    env = launch.environment(launch.sandbox_workdir)
+    fields = [str(task_id), launch.sandbox_workdir, str(len(launch.argv)), *launch.argv]
+    fields += [f"{name}={value}" for name, value in env.items()]
+    encoded = [os.fsencode(field) for field in fields]
+    if any(b"\0" in field for field in encoded):
+        raise WarmUnavailable("an argument or environment variable holds a NUL byte")
+    request = b"\0".join(encoded) + b"\0"
+    if len(request) > MAX_REQUEST_BYTES:
+        raise WarmUnavailable("the launch is too large to send")
+    return request
 
 
 def _launcher_record(message: bytes) -> tuple[int, dict[str, Any]]:

@@ -1,5 +1,8 @@
 """The launcher inside a warm sandbox: PID 1 of the sandbox, it spawns each task it is sent.
 
+warm_launcher.c is the same in C, and runs wherever the agent can compile it (it starts ~10 ms
+sooner); this one runs where it cannot. Both speak the protocol below.
+
 Not imported by the agent: it runs as ``python3 -I -S launcher CONTROL RLIMITS HOME...``
 under the host's own Python from /usr, inside bubblewrap, as the task user, without
 capabilities. So it uses only the standard library and runs on any Python from 3.9 on; it
@@ -12,9 +15,11 @@ spawns the sandbox without running code between fork and exec.
 
 One spawn, as the agent drives it (see warm.py):
 
-1. The agent sends ``{"id", "argv", "env", "cwd"}`` (marshal) with descriptors: the write end of the
-   task's output pipe, then the task's own ``cgroup.procs`` in each hierarchy, opened for
-   writing by the agent (the kernel checks a cgroup move against who *opened* the file).
+1. The agent sends the task's id, work directory, argument count, arguments and environment
+   (``NAME=value``), each ended by a NUL byte (no module is needed to read that), with
+   descriptors: the write end of the task's output pipe, then the task's own ``cgroup.procs``
+   in each hierarchy, opened for writing by the agent (the kernel checks a cgroup move against
+   who *opened* the file).
 2. The launcher moves itself into the task's cgroups, spawns the command there (posix_spawn:
    vfork and exec, a new session, signals as a fresh process has them, stdin /dev/null, the
    pipe as stdout and stderr) and moves itself home. So all the task ever runs is counted in
@@ -40,7 +45,6 @@ from __future__ import annotations
 import _ctypes
 import _signal  # type: ignore[import-not-found]
 import _socket
-import marshal
 import os
 import resource
 import select
@@ -79,18 +83,35 @@ def _command_path(argv: list[str], env: dict[str, str]) -> str:
     raise FileNotFoundError(2, "No such file or directory")
 
 
-def spawn(request: dict[str, Any], out_fd: int, task_procs: list[int], home: list[int]) -> int:
-    """Spawn the request's command in the task's cgroups; its pid. Raises OSError when the
-    command cannot run, _CannotTry when the launcher could not try."""
-    argv = request["argv"]
-    env = request["env"]
+def parse(message: bytes) -> tuple[str, str, list[str], dict[str, str]]:
+    """A request's task id, work directory, argv and environment. Raises ValueError."""
+    fields = [os.fsdecode(field) for field in message.split(b"\0")]
+    if len(fields) < 5 or fields[-1] != "":
+        raise ValueError("a malformed request")
+    argc = int(fields[2])
+    if argc < 1 or 3 + argc > len(fields) - 1:
+        raise ValueError("a malformed request")
+    env = dict(entry.partition("=")[::2] for entry in fields[3 + argc : -1])
+    return fields[0], fields[1], fields[3 : 3 + argc], env
+
+
+def spawn(
+    cwd: str,
+    argv: list[str],
+    env: dict[str, str],
+    out_fd: int,
+    task_procs: list[int],
+    home: list[int],
+) -> int:
+    """Spawn the command in the task's cgroups; its pid. Raises OSError when the command cannot
+    run, _CannotTry when the launcher could not try."""
     try:
         _join(task_procs)
     except OSError as error:
         _join(home)  # a move that half happened is undone
         raise _CannotTry("cannot join the task's cgroup: " + str(error.strerror)) from error
     try:
-        os.chdir(request["cwd"])
+        os.chdir(cwd)
         return os.posix_spawn(
             _command_path(argv, env),
             argv,
@@ -161,7 +182,7 @@ def main() -> None:
     os.set_blocking(wake_write, False)
     _signal.set_wakeup_fd(wake_write)
     _signal.signal(_signal.SIGCHLD, lambda signum, frame: None)
-    children: dict[int, int] = {}
+    children: dict[int, str] = {}
     control.send(b"ready " + str(os.getpid()).encode())
     while True:
         ready, _, _ = select.select([control.fileno(), wake_read], [], [], 1.0)
@@ -173,18 +194,18 @@ def main() -> None:
                 os._exit(0)  # the agent is done with this sandbox
             for fd in fds:  # received descriptors are inheritable: none may reach a task
                 os.set_inheritable(fd, False)
-            request = marshal.loads(message)
-            task = str(request["id"])
+            task = message.partition(b"\0")[0].decode(errors="replace") or "0"
             try:
+                task, cwd, argv, env = parse(message)
                 if len(fds) != 1 + len(home):
                     raise _CannotTry(f"{len(fds)} descriptors sent, {1 + len(home)} expected")
-                pid = spawn(request, fds[0], fds[1:], home)
-            except _CannotTry as error:
+                pid = spawn(cwd, argv, env, fds[0], fds[1:], home)
+            except (_CannotTry, ValueError) as error:
                 reply = f"{task} error {error}"
             except OSError as error:
-                reply = f"{task} failed {request['argv'][0]}: {error.strerror or error}"
+                reply = f"{task} failed {argv[0]}: {error.strerror or error}"
             else:
-                children[pid] = request["id"]
+                children[pid] = task
                 reply = f"{task} started {pid}"
             finally:
                 for fd in fds:

@@ -1,0 +1,333 @@
+/* The launcher inside a warm sandbox, in C: what warm_launcher.py does, without the ~10 ms of
+ * CPU a Python interpreter takes to start, paid by every new job's sandbox. The agent compiles
+ * it with the host's C compiler (native_launcher.py) and runs warm_launcher.py where it cannot.
+ * Both speak the same protocol; warm_launcher.py's docstring describes it, in short:
+ *
+ *   argv: launcher CONTROL RLIMITS HOME...  (CONTROL: a SOCK_SEQPACKET socket to the agent;
+ *         RLIMITS "RLIMIT_CORE=0,RLIMIT_FSIZE=..."; each HOME the launcher's own cgroup.procs)
+ *   in:   "id\0cwd\0argc\0argv...\0NAME=value\0..." with descriptors: the task's output pipe,
+ *         then the task's cgroup.procs in each hierarchy
+ *   out:  "ready <pid>", then per task "<id> started <pid>" | "<id> failed <reason>" |
+ *         "<id> error <reason>", and later "<id> status <wait status>"
+ *
+ * PID 1 of the sandbox: no task can signal it (it sets no handler) or trace it (it is not
+ * dumpable); it reaps orphans; it exits when the agent closes the socket, and the namespace
+ * with it. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define MAX_FDS 16            /* the output pipe and a cgroup.procs per hierarchy */
+#define MAX_MESSAGE (1 << 20) /* the agent sends at most 128 KiB */
+#define MAX_FIELDS 65536     /* arguments and environment entries of one task */
+#define MAX_REPLY 1024
+#define DEFAULT_PATH "/bin:/usr/bin" /* Python's os.defpath, as warm_launcher.py uses */
+
+static int control = -1;
+static int home[MAX_FDS];
+static int home_count = 0;
+
+struct child {
+    pid_t pid;
+    char id[32];
+};
+static struct child *children = NULL;
+static size_t child_count = 0, child_room = 0;
+
+static char message[MAX_MESSAGE];
+
+static void die(const char *what) {
+    /* bwrap hands this to the agent's log: the sandbox is of no use, and ends. */
+    fprintf(stderr, "planetary-mesh launcher: %s: %s\n", what, strerror(errno));
+    _exit(2);
+}
+
+static void reply(const char *format, ...) {
+    char text[MAX_REPLY];
+    va_list args;
+    va_start(args, format);
+    int length = vsnprintf(text, sizeof text, format, args);
+    va_end(args);
+    if (length < 0)
+        return;
+    if ((size_t)length >= sizeof text)
+        length = sizeof text - 1;
+    if (send(control, text, (size_t)length, MSG_NOSIGNAL) < 0)
+        _exit(0); /* the agent is gone: so is this sandbox */
+}
+
+/* Move this process into the cgroups whose cgroup.procs are open on fds ("0": the writer). */
+static int join(const int *fds, int count) {
+    for (int i = 0; i < count; i++)
+        if (write(fds[i], "0", 1) != 1)
+            return -1;
+    return 0;
+}
+
+static void join_home(void) {
+    /* It must not stay among a task's processes: the sandbox ends instead. */
+    if (join(home, home_count) < 0)
+        _exit(70);
+}
+
+static int set_rlimits(char *spec) {
+    static const struct {
+        const char *name;
+        int resource;
+    } names[] = {
+        {"RLIMIT_CORE", RLIMIT_CORE},   {"RLIMIT_FSIZE", RLIMIT_FSIZE},
+        {"RLIMIT_NOFILE", RLIMIT_NOFILE}, {"RLIMIT_NPROC", RLIMIT_NPROC},
+        {"RLIMIT_AS", RLIMIT_AS},       {"RLIMIT_CPU", RLIMIT_CPU},
+        {"RLIMIT_DATA", RLIMIT_DATA},   {"RLIMIT_STACK", RLIMIT_STACK},
+    };
+    for (char *item = strtok(spec, ","); item != NULL; item = strtok(NULL, ",")) {
+        char *equals = strchr(item, '=');
+        if (equals == NULL)
+            return -1;
+        *equals = '\0';
+        int found = -1;
+        for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+            if (strcmp(names[i].name, item) == 0)
+                found = names[i].resource;
+        char *end;
+        errno = 0;
+        unsigned long long value = strtoull(equals + 1, &end, 10);
+        if (found < 0 || *end != '\0' || errno != 0) {
+            errno = EINVAL;
+            return -1;
+        }
+        struct rlimit limit = {(rlim_t)value, (rlim_t)value};
+        if (setrlimit(found, &limit) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* argv[0] as execvpe would find it: on the task's own PATH unless it names a path. Returns an
+ * errno value (0: found, in path). */
+static int command_path(const char *name, char *const *env, char *path, size_t room) {
+    if (strchr(name, '/') != NULL) {
+        if (strlen(name) >= room)
+            return ENAMETOOLONG;
+        strcpy(path, name);
+        return 0;
+    }
+    const char *search = DEFAULT_PATH;
+    for (char *const *entry = env; *entry != NULL; entry++)
+        if (strncmp(*entry, "PATH=", 5) == 0)
+            search = *entry + 5;
+    while (1) {
+        const char *colon = strchrnul(search, ':');
+        size_t length = (size_t)(colon - search);
+        const char *folder = length ? search : ".";
+        int written = snprintf(path, room, "%.*s/%s", length ? (int)length : 1, folder, name);
+        struct stat info;
+        if (written > 0 && (size_t)written < room && stat(path, &info) == 0 &&
+            S_ISREG(info.st_mode) && access(path, X_OK) == 0)
+            return 0;
+        if (*colon == '\0')
+            return ENOENT;
+        search = colon + 1;
+    }
+}
+
+static void remember(pid_t pid, const char *id) {
+    if (child_count == child_room) {
+        size_t room = child_room ? 2 * child_room : 64;
+        struct child *grown = realloc(children, room * sizeof *grown);
+        if (grown == NULL)
+            die("out of memory");
+        children = grown;
+        child_room = room;
+    }
+    children[child_count].pid = pid;
+    snprintf(children[child_count].id, sizeof children[child_count].id, "%s", id);
+    child_count++;
+}
+
+/* posix_spawn argv in the task's cgroups; an errno value (0: started, as *pid). */
+static int start_task(const char *cwd, char **argv, char **env, int out, pid_t *pid) {
+    char path[4096];
+    int error = chdir(cwd) < 0 ? errno : command_path(argv[0], env, path, sizeof path);
+    if (error != 0)
+        return error;
+    posix_spawn_file_actions_t actions;
+    posix_spawnattr_t attributes;
+    sigset_t none, all;
+    sigemptyset(&none);
+    sigfillset(&all);
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_adddup2(&actions, out, 1);
+    posix_spawn_file_actions_adddup2(&actions, out, 2);
+    posix_spawnattr_init(&attributes);
+    /* A new session, no signal blocked, every signal as a fresh process has it. */
+    posix_spawnattr_setflags(&attributes,
+                             POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    posix_spawnattr_setsigmask(&attributes, &none);
+    posix_spawnattr_setsigdefault(&attributes, &all);
+    error = posix_spawn(pid, path, &actions, &attributes, argv, env);
+    posix_spawn_file_actions_destroy(&actions);
+    posix_spawnattr_destroy(&attributes);
+    return error;
+}
+
+/* Spawn the request (fields: id, cwd, argc, argv..., env...) from inside the task's cgroups. */
+static void spawn(char **fields, size_t field_count, const int *fds, int fd_count) {
+    const char *id = fields[0], *cwd = fields[1];
+    char *end;
+    unsigned long argc = strtoul(fields[2], &end, 10);
+    if (*end != '\0' || argc == 0 || 3 + argc > field_count) {
+        reply("%s error a malformed request", id);
+        return;
+    }
+    if (fd_count != 1 + home_count) {
+        reply("%s error %d descriptors sent, %d expected", id, fd_count, 1 + home_count);
+        return;
+    }
+    /* NULL-terminated lists for posix_spawn: argv's end is env's start, so copied apart. */
+    size_t env_count = field_count - 3 - argc;
+    char **argv = calloc(argc + 1, sizeof *argv);
+    char **env = calloc(env_count + 1, sizeof *env);
+    if (argv == NULL || env == NULL)
+        die("out of memory");
+    memcpy(argv, fields + 3, argc * sizeof *argv);
+    memcpy(env, fields + 3 + argc, env_count * sizeof *env);
+    if (join(fds + 1, fd_count - 1) < 0) {
+        int error = errno;
+        join_home(); /* a move that half happened is undone */
+        reply("%s error cannot join the task's cgroup: %s", id, strerror(error));
+    } else {
+        pid_t pid = -1;
+        int error = start_task(cwd, argv, env, fds[0], &pid);
+        if (chdir("/") < 0)
+            die("chdir /");
+        join_home();
+        if (error != 0)
+            reply("%s failed %s: %s", id, argv[0], strerror(error));
+        else {
+            remember(pid, id);
+            reply("%s started %d", id, (int)pid);
+        }
+    }
+    free(argv);
+    free(env);
+}
+
+static void receive(void) {
+    union {
+        struct cmsghdr align;
+        char space[CMSG_SPACE(MAX_FDS * sizeof(int))];
+    } ancillary;
+    struct iovec io = {message, sizeof message};
+    struct msghdr header = {0};
+    header.msg_iov = &io;
+    header.msg_iovlen = 1;
+    header.msg_control = ancillary.space;
+    header.msg_controllen = sizeof ancillary.space;
+    /* Received descriptors are close-on-exec at once: none may reach a task. */
+    ssize_t length = recvmsg(control, &header, MSG_CMSG_CLOEXEC);
+    if (length < 0) {
+        if (errno == EINTR || errno == EAGAIN)
+            return;
+        _exit(0);
+    }
+    if (length == 0)
+        _exit(0); /* the agent is done with this sandbox */
+    int fds[MAX_FDS];
+    int fd_count = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&header); c != NULL; c = CMSG_NXTHDR(&header, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < count && fd_count < MAX_FDS; i++)
+            memcpy(&fds[fd_count++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+    }
+    /* Fields are NUL-terminated; the message ends with one. */
+    static char *fields[MAX_FIELDS];
+    size_t field_count = 0;
+    int whole = (header.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) == 0 && message[length - 1] == '\0';
+    for (char *at = message; whole && at < message + length && field_count < MAX_FIELDS;
+         at += strlen(at) + 1)
+        fields[field_count++] = at;
+    if (!whole || field_count < 4)
+        reply("%s error a malformed request", whole && field_count ? fields[0] : "0");
+    else
+        spawn(fields, field_count, fds, fd_count);
+    for (int i = 0; i < fd_count; i++)
+        close(fds[i]);
+}
+
+static void reap(void) {
+    int status;
+    pid_t pid;
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        for (size_t i = 0; i < child_count; i++) {
+            if (children[i].pid == pid) {
+                reply("%s status %d", children[i].id, status);
+                children[i] = children[--child_count];
+                break;
+            }
+        } /* else an orphan handed to PID 1: reaped, nothing to say */
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3 || argc - 3 > MAX_FDS - 1) {
+        fprintf(stderr, "usage: launcher CONTROL RLIMITS HOME...\n");
+        return 2;
+    }
+    control = atoi(argv[1]);
+    home_count = argc - 3;
+    for (int i = 0; i < home_count; i++)
+        home[i] = atoi(argv[3 + i]);
+    /* Passed down as inheritable; no task may get them. */
+    if (fcntl(control, F_SETFD, FD_CLOEXEC) < 0)
+        die("control socket");
+    for (int i = 0; i < home_count; i++)
+        if (fcntl(home[i], F_SETFD, FD_CLOEXEC) < 0)
+            die("home cgroup");
+    if (join(home, home_count) < 0)
+        die("cannot join its cgroup");
+    if (set_rlimits(argv[2]) < 0)
+        die("cannot set the rlimits");
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+        die("prctl(PR_SET_DUMPABLE)");
+    /* SIGCHLD is read from a signalfd; tasks get an empty mask (POSIX_SPAWN_SETSIGMASK). */
+    sigset_t child_signal;
+    sigemptyset(&child_signal);
+    sigaddset(&child_signal, SIGCHLD);
+    if (sigprocmask(SIG_BLOCK, &child_signal, NULL) < 0)
+        die("sigprocmask");
+    int signals = signalfd(-1, &child_signal, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (signals < 0)
+        die("signalfd");
+    reply("ready %d", (int)getpid());
+    struct pollfd watched[2] = {{control, POLLIN, 0}, {signals, POLLIN, 0}};
+    while (1) {
+        if (poll(watched, 2, 1000) < 0 && errno != EINTR)
+            die("poll");
+        if (watched[1].revents) {
+            struct signalfd_siginfo info;
+            while (read(signals, &info, sizeof info) == sizeof info) {
+            }
+        }
+        if (watched[0].revents & (POLLIN | POLLHUP | POLLERR))
+            receive();
+        reap(); /* also every second: signals of children that end together may merge */
+    }
+}

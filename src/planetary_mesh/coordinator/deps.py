@@ -2,6 +2,9 @@
 
 Identity comes only from the verified client certificate, or from a browser session the
 middleware in app.py has already checked (cookie, CSRF header, origin).
+
+The checks are ``async`` though they never wait: FastAPI runs a plain function dependency in
+its thread pool, a hand-off to a worker thread and back for each, on every request.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from planetary_mesh.pki import certs
 from planetary_mesh.protocol import MAX_ARRAY
 
 
-def identity(request: Request) -> certs.Identity:
+async def identity(request: Request) -> certs.Identity:
     der = peer_cert_der(request.scope)
     if der is None:  # the middleware let it in on a browser session's cookie
         browser: BrowserSession = request.state.browser
@@ -31,13 +34,13 @@ def identity(request: Request) -> certs.Identity:
     return who
 
 
-def user(who: Annotated[certs.Identity, Depends(identity)]) -> certs.Identity:
+async def user(who: Annotated[certs.Identity, Depends(identity)]) -> certs.Identity:
     if who.kind is not certs.PeerKind.USER:
         raise RequestRejected("this endpoint is for users; agents may not call it", 403)
     return who
 
 
-def admin(who: Annotated[certs.Identity, Depends(user)]) -> certs.Identity:
+async def admin(who: Annotated[certs.Identity, Depends(user)]) -> certs.Identity:
     if not who.admin:
         raise RequestRejected("only an admin may do this", 403)
     return who

@@ -70,8 +70,9 @@ MAX_WARM_SANDBOXES = 8  # at once per agent; more busy jobs at once get fresh sa
 SPARES = 3  # kept ready per agent once it runs tasks: one-task jobs come faster than one is made
 SPARE_IDLE_S = 60.0  # a spare sandbox no job has taken for this long is closed
 # A one-task job's sandbox is closed once its task is done: lingering (0.5 s), such sandboxes
-# filled the pool and left no room for spares when one-task jobs came back to back.
-SINGLE_TASK_IDLE_S = 0.0
+# filled the pool and left no room for spares when one-task jobs came back to back. Not at once:
+# closing it (~0.5 ms on the agent's event loop) then ran before the task's end was sent.
+SINGLE_TASK_IDLE_S = 0.003
 # A spare is made at the lowest CPU priority, so that making it (setpriv, bwrap and the
 # launcher's start-up: ~10 ms of CPU) takes no CPU from running tasks and the messages that
 # start and end them; ready, or wanted by a job, it is set back to normal.

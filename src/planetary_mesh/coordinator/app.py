@@ -148,7 +148,9 @@ def create_app(service: CoordinatorService) -> FastAPI:
 
     @app.post("/v1/jobs", status_code=201)
     async def submit(body: JobSubmit, who: User) -> JobInfo:
-        return views.job_info(service.submit(who.name, body))
+        job = service.submit(who.name, body)
+        await _let_assignments_out()
+        return views.job_info(job)
 
     @app.get("/v1/jobs")
     async def jobs(
@@ -202,11 +204,14 @@ def create_app(service: CoordinatorService) -> FastAPI:
     @app.post("/v1/functions", status_code=201)
     async def submit_function(body: FunctionSubmit, who: User) -> JobInfo:
         """A job of Python function calls (what MeshExecutor submits)."""
-        return views.job_info(service.submit_function(who.name, body))
+        job = service.submit_function(who.name, body)
+        await _let_assignments_out()
+        return views.job_info(job)
 
     @app.post("/v1/jobs/{job_id}/calls", status_code=201)
     async def add_calls(job_id: str, body: CallsAdd, who: User) -> CallsAdded:
         first, count = service.add_calls(job_id, body, who.name)
+        await _let_assignments_out()
         return CallsAdded(first=first, count=count)
 
     @app.get("/v1/jobs/{job_id}/calls")
@@ -390,6 +395,13 @@ async def _serve_agent(service: CoordinatorService, websocket: WebSocket) -> Non
         service.agent_disconnected(session)
         with contextlib.suppress(RuntimeError):  # already closed
             await websocket.close()
+
+
+async def _let_assignments_out() -> None:
+    """Yield to the event loop once: the agents' sessions then send what this request has just
+    placed before its own answer is built and sent (traced: the assignment waited ~0.5 ms for
+    the submit's response)."""
+    await asyncio.sleep(0)
 
 
 async def _pump(outbox: asyncio.Queue[dict[str, Any] | None], websocket: WebSocket) -> None:

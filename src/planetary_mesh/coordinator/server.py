@@ -124,6 +124,9 @@ async def serve(
         ws_ping_timeout=10.0,
         log_level="warning",
         access_log=False,
+        # No proxy in front: X-Forwarded-* headers are a client's say-so, and reading them is a
+        # middleware layer on every request.
+        proxy_headers=False,
         timeout_graceful_shutdown=2,
     )
     config.load()

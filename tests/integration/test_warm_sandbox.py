@@ -248,6 +248,21 @@ def test_a_new_job_takes_the_spare_sandbox_made_ahead_and_another_is_made(
         assert outcome.exit_code == 0 and LAUNCHER_INSIDE not in output, output
         assert ready_spare(runner) is spare
 
+        # Its first task's cgroup was made ahead, without limits: the job's are set on it as
+        # the spare is taken (here a memory limit the task goes over).
+        assert spare is not None
+        await until(lambda: spare.has_premade_cgroup, "the spare's task cgroup made ahead")
+        hog = launch(
+            jobs,
+            "job-d",
+            "python3 -c 'x = bytearray(200 * 2**20); print(len(x))'",
+            size=1,
+            limits=Limits(memory=64 * MIB, cpus=1),
+        )
+        outcome, output = await run(runner, hog)
+        assert outcome.reason is EndReason.OOM, (outcome, output)
+        assert spare.jobdir == hog.workdir.parent and not spare.has_premade_cgroup
+
     drive(jobs, task_account, WarmMode.AUTO, scenario)
 
 
@@ -366,15 +381,22 @@ def test_an_idle_warm_sandbox_closes_and_leaves_nothing_behind(
         await until(lambda: not sandboxes(runner), "the idle sandbox to close")
         await until(lambda: not launcher.is_running(), "the launcher to die")
         # The launcher's and the task's cgroups are all removed: what is left is the spare
-        # sandbox's launcher's, made for the next job.
+        # sandboxes' launchers', and their first tasks' made ahead (empty), for the next jobs.
         pool = runner.warm
         assert pool is not None
-        await until(lambda: [s.ready for s in pool.spares()] == [True] * SPARES, "the spares")
+        await until(
+            lambda: (
+                all(s.ready and s.has_premade_cgroup for s in pool.spares())
+                and len(pool.spares()) == SPARES
+            ),
+            "the spares",
+        )
         launchers = {str(spare.launcher_pid) for spare in pool.spares()}
         left = cgroup_dirs(runner)
-        assert left and all(
-            launchers & set((d / "cgroup.procs").read_text().split()) for d in left
-        ), left
+        holding = [d for d in left if launchers & set((d / "cgroup.procs").read_text().split())]
+        made_ahead = [d for d in left if not (d / "cgroup.procs").read_text().split()]
+        assert holding and sorted(holding + made_ahead) == left, left
+        assert len(made_ahead) == len(holding), left  # one of each per spare and hierarchy
         # A later task of the job gets a new one.
         outcome, _ = await run(runner, launch(jobs, "job", "true"))
         assert outcome.exit_code == 0 and len(sandboxes(runner)) == 1

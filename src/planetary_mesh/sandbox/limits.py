@@ -50,6 +50,11 @@ class TaskCgroup(Protocol):
 
     def oom_killed(self) -> bool: ...
 
+    def limit(self, limits: Limits) -> None:
+        """Set ``limits`` on an empty cgroup that has none yet (one made ahead). Raises
+        OSError."""
+        ...
+
     def kill(self) -> None:
         """SIGKILL every process in the cgroup, whatever namespace or session it is in. On v1,
         one that forked just then may leave a child: callers kill again until empty()."""
@@ -136,12 +141,43 @@ class _NoCgroups:
 @dataclass
 class _Group:
     dirs: list[Path]
-    memory_dir: Path | None  # where a memory limit was set
+    controllers: tuple[str, ...]  # v1: the controller of each of dirs; v2: those of dirs[0]
     v2: bool
+    memory_dir: Path | None = None  # where a memory limit was set
     usage_file: Path | None = None  # the memory it is charged for, when memory is counted
 
     def procs_files(self) -> list[Path]:
         return [d / "cgroup.procs" for d in self.dirs]
+
+    def limit(self, limits: Limits) -> None:
+        if self.v2:
+            self._limit_v2(limits)
+            return
+        for controller, d in zip(self.controllers, self.dirs, strict=True):
+            if controller == "memory" and limits.memory is not None:
+                self.memory_dir = d
+                _write(d / "memory.limit_in_bytes", str(limits.memory))
+                swap = d / "memory.memsw.limit_in_bytes"
+                if swap.exists():  # no swap: over its memory a task is killed, not slowed
+                    _write(swap, str(limits.memory))
+            elif controller == "cpu" and limits.cpus is not None:
+                _write(d / "cpu.cfs_period_us", str(CFS_PERIOD_US))
+                _write(d / "cpu.cfs_quota_us", str(max(1000, int(limits.cpus * CFS_PERIOD_US))))
+            elif controller == "pids" and limits.pids is not None:
+                _write(d / "pids.max", str(limits.pids))
+
+    def _limit_v2(self, limits: Limits) -> None:
+        d = self.dirs[0]
+        if "memory" in self.controllers and limits.memory is not None:
+            self.memory_dir = d
+            _write(d / "memory.max", str(limits.memory))
+            with contextlib.suppress(OSError):  # absent without swap accounting
+                _write(d / "memory.swap.max", "0")
+        if "cpu" in self.controllers and limits.cpus is not None:
+            quota = max(1000, int(limits.cpus * CFS_PERIOD_US))
+            _write(d / "cpu.max", f"{quota} {CFS_PERIOD_US}")
+        if "pids" in self.controllers and limits.pids is not None:
+            _write(d / "pids.max", str(limits.pids))
 
     def oom_killed(self) -> bool:
         if self.memory_dir is None:
@@ -228,25 +264,16 @@ class CgroupV1:
             return None
         name = f"t{next(self._ids)}"
         dirs: list[Path] = []
-        memory_dir = usage_file = None
+        usage_file = None
         for controller, base in self._bases.items():
             d = base / name
             d.mkdir()
             dirs.append(d)
             if controller == "memory":
                 usage_file = d / "memory.usage_in_bytes"
-            if controller == "memory" and limits.memory is not None:
-                memory_dir = d
-                _write(d / "memory.limit_in_bytes", str(limits.memory))
-                swap = d / "memory.memsw.limit_in_bytes"
-                if swap.exists():  # no swap: over its memory a task is killed, not slowed
-                    _write(swap, str(limits.memory))
-            elif controller == "cpu" and limits.cpus is not None:
-                _write(d / "cpu.cfs_period_us", str(CFS_PERIOD_US))
-                _write(d / "cpu.cfs_quota_us", str(max(1000, int(limits.cpus * CFS_PERIOD_US))))
-            elif controller == "pids" and limits.pids is not None:
-                _write(d / "pids.max", str(limits.pids))
-        return _Group(dirs, memory_dir, v2=False, usage_file=usage_file)
+        group = _Group(dirs, tuple(self._bases), v2=False, usage_file=usage_file)
+        group.limit(limits)
+        return group
 
     def close(self) -> None:
         for base in self._bases.values():
@@ -294,19 +321,10 @@ class CgroupV2:
             return None
         d = self._base / f"t{next(self._ids)}"
         d.mkdir()
-        if "memory" in self.controllers and limits.memory is not None:
-            _write(d / "memory.max", str(limits.memory))
-            with contextlib.suppress(OSError):  # absent without swap accounting
-                _write(d / "memory.swap.max", "0")
-        if "cpu" in self.controllers and limits.cpus is not None:
-            quota = max(1000, int(limits.cpus * CFS_PERIOD_US))
-            _write(d / "cpu.max", f"{quota} {CFS_PERIOD_US}")
-        if "pids" in self.controllers and limits.pids is not None:
-            _write(d / "pids.max", str(limits.pids))
-        counted = "memory" in self.controllers
-        memory_dir = d if counted and limits.memory is not None else None
-        usage_file = d / "memory.current" if counted else None
-        return _Group([d], memory_dir, v2=True, usage_file=usage_file)
+        usage_file = d / "memory.current" if "memory" in self.controllers else None
+        group = _Group([d], self.controllers, v2=True, usage_file=usage_file)
+        group.limit(limits)
+        return group
 
     def close(self) -> None:
         if self._base is not None:
@@ -399,7 +417,7 @@ def reap_stale_task_cgroups(
             except OSError:  # swept meanwhile by the dead agent's own watchdog
                 continue
             for task_dir in task_dirs:
-                group = _Group([task_dir], None, v2=is_v2)
+                group = _Group([task_dir], (), v2=is_v2)
                 killed += len(group._pids())
                 for _ in range(200):  # the killed leave within milliseconds
                     group.kill()

@@ -139,6 +139,7 @@ class WarmSandbox:
         self._starts: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._exits: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._spare_cgroups: dict[Limits, list[TaskCgroup]] = {}
+        self._premade: TaskCgroup | None = None  # a spare's first task's, without limits yet
         self._ids = itertools.count(1)
         self.active = 0  # tasks starting or running in it
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -269,12 +270,32 @@ class WarmSandbox:
                 abandon(group)  # kills the spawned child, if there is one
                 self.task_done()
 
+    @property
+    def has_premade_cgroup(self) -> bool:
+        return self._premade is not None
+
+    def premake_cgroup(self) -> None:
+        """Make the cgroup of this (spare) sandbox's first task now, its limits set once they
+        are known: making one (a folder in each of three hierarchies on v1) is ~0.5 ms of a
+        new job's start."""
+        if self._premade is None and not self.closed:
+            with contextlib.suppress(OSError):
+                self._premade = self._cgroups.create(Limits(pids=None))
+
     def _task_cgroup(self, limits: Limits) -> TaskCgroup:
         """A cgroup for a task with ``limits``: one a finished task of this sandbox left clean,
-        or a new one."""
+        the one made ahead, or a new one."""
         spare = self._spare_cgroups.get(limits)
         if spare:
             return spare.pop()
+        premade, self._premade = self._premade, None
+        if premade is not None:
+            try:
+                premade.limit(limits)
+                return premade
+            except OSError as error:
+                log.warning("could not limit a cgroup made ahead (%s); making another", error)
+                premade.remove()
         try:
             group = self._cgroups.create(limits)
         except OSError as error:
@@ -365,6 +386,9 @@ class WarmSandbox:
             for group in spare:
                 group.remove()
         self._spare_cgroups.clear()
+        if self._premade is not None:
+            self._premade.remove()
+            self._premade = None
         if self._control is not None:
             with contextlib.suppress(ValueError, RuntimeError):
                 asyncio.get_running_loop().remove_reader(self._control.fileno())
@@ -590,13 +614,17 @@ class WarmPool:
         folders: the next jobs that fit take them, so a job's first task starts as quickly as
         its later ones. Made only once the agent has run something, and closed after
         SPARE_IDLE_S unused, so an idle agent holds none. Made one at a time, at low CPU
-        priority (SPARE_NICE), when no task has started or ended for a moment (_want_spares)."""
+        priority (SPARE_NICE), when no task has started or ended for a moment (_want_spares);
+        so is each ready spare's first task cgroup."""
         self._spares_timer = None
         self._spares_wanted_since = None
         self._spares = [spare for spare in self._spares if not spare.closed]
         root = self._root
         if root is None or self._closed or not self.enabled:
             return
+        for spare in self._spares:
+            if spare.ready:
+                spare.premake_cgroup()
         if any(not s.ready for s in self._spares):
             return  # one is being made; the next is made once it is ready
         if len(self._spares) >= SPARES:

@@ -28,6 +28,7 @@ from planetary_mesh.errors import SandboxError
 from planetary_mesh.sandbox.bwrap import BwrapRunner
 from planetary_mesh.sandbox.launchers import (
     C_SOURCE,
+    COMPILE_RECIPE,
     LAUNCHER_INSIDE,
     PYTHON_SOURCE,
     cache_folder,
@@ -491,14 +492,13 @@ def test_the_launcher_bound_is_a_copy_the_task_user_can_reach(
 ) -> None:
     # The package may live where the task user cannot look (a venv in a private home, a
     # checkout in a 0700 folder); bwrap binds the launcher as that user, so it binds a copy.
-    # The C one is compiled once per source and cached; the Python one is compiled once, by the
-    # Python that runs it: a script is compiled at every start.
+    # The C one is compiled once per source and recipe, and cached; the Python one is compiled
+    # once, by the Python that runs it: a script is compiled at every start.
     native = make_runner(jobs, task_account, WarmMode.ALWAYS)
     assert native.launcher is not None
     binary = native.launcher.path
-    cached = (
-        cache_folder() / f"warm-launcher-{hashlib.sha256(C_SOURCE.read_bytes()).hexdigest()[:16]}"
-    )
+    recipe = C_SOURCE.read_bytes() + COMPILE_RECIPE.encode()
+    cached = cache_folder() / f"warm-launcher-{hashlib.sha256(recipe).hexdigest()[:16]}"
     assert binary.read_bytes() == cached.read_bytes()
     assert binary.stat().st_mode & 0o777 == 0o755
     assert binary.parent.stat().st_mode & 0o777 == 0o711

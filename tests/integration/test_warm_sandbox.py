@@ -37,7 +37,8 @@ from planetary_mesh.sandbox.launchers import (
 from planetary_mesh.sandbox.limits import CGROUP_ROOT, Limits, detect_cgroups, own_cgroups
 from planetary_mesh.sandbox.runner import EndReason, RunningTask, TaskLaunch, TaskOutcome
 from planetary_mesh.sandbox.user import TaskUser
-from planetary_mesh.sandbox.warm import SPARES, WarmMode, WarmSandbox
+from planetary_mesh.sandbox.warm import WarmMode, WarmSandbox
+from planetary_mesh.sandbox.warm_pool import SPARES
 
 MIB = 2**20
 # The tests of the launcher's own work run with both: the C one the agent compiles, and the

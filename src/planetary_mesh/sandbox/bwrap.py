@@ -53,7 +53,8 @@ from planetary_mesh.sandbox.runner import (
 )
 from planetary_mesh.sandbox.scratch import make_scratch
 from planetary_mesh.sandbox.user import TaskUser
-from planetary_mesh.sandbox.warm import MAX_WARM_SANDBOXES, WARM_IDLE_S, WarmMode, WarmPool
+from planetary_mesh.sandbox.warm import WarmMode
+from planetary_mesh.sandbox.warm_pool import MAX_WARM_SANDBOXES, WARM_IDLE_S, WarmPool
 
 log = logging.getLogger(__name__)
 

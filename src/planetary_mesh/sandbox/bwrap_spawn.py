@@ -117,11 +117,11 @@ async def spawn_bwrap(
             functools.partial(_Output, pipes), output_file
         )
         bwrap_pidfd = pidfd_open(transport.get_pid())
-        status_transport, status = await loop.connect_read_pipe(
-            StatusPipe,
-            open(status_read, "rb", buffering=0),  # noqa: SIM115 - the transport closes it
-        )
-        status_read = -1  # the transport owns it now
+        status_file = open(status_read, "rb", buffering=0)  # noqa: SIM115 - its transport closes it
+        # Owned by the file from here: connect_read_pipe closes it if cancelled part way, and
+        # closing it here too closed whatever had taken its number meanwhile (seen: EBADF).
+        status_read = -1
+        status_transport, status = await loop.connect_read_pipe(StatusPipe, status_file)
         info = await asyncio.wait_for(asyncio.shield(status.sandbox), SETUP_TIMEOUT_S)
         if info is None:
             # bwrap gave up before it made the sandbox; its reason is all the output there is.

@@ -5,10 +5,12 @@ wait with deadlines and assert what happened."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import sqlite3
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -243,3 +245,30 @@ def test_a_blip_that_closes_every_session_restarts_and_duplicates_nothing(
         assert "node_lost" not in _event_kinds(tmp_path)
     finally:
         kill_leftovers(marker)
+
+
+def test_an_agent_killed_while_it_makes_spare_sandboxes_leaves_none_behind(tmp_path: Path) -> None:
+    # One-task jobs make the agent build spare sandboxes; kill -9 it at moments when one is
+    # being made. Everything bwrap forks must be born in the spare's cgroup, within reach of
+    # the sweep that follows a crashed agent (the launcher starts bwrap from inside it).
+    for trial, pause in enumerate((0.0, 0.01, 0.02, 0.04)):
+        with (
+            LocalMesh(tmp_path / f"t{trial}", agents=1, agent_cpus=1) as mesh,
+            mesh.client() as client,
+        ):
+            for _ in range(3):
+                client.wait(client.submit(JobSubmit(argv=["true"], count=1)).id)
+            client.submit(JobSubmit(argv=["true"], count=1))
+            time.sleep(pause)  # deliberate: a moment within the next spare's making
+            agent = mesh.agents[0]
+            os.kill(agent.pid, signal.SIGKILL)
+            agent.wait()
+            mark = f"planetary-mesh-work-{agent.pid}-"
+            try:
+                wait_for(functools.partial(_none_with, mark), 10, "the agent's sandboxes to go")
+            finally:
+                kill_leftovers(mark)
+
+
+def _none_with(marker: str) -> bool:
+    return not processes_with(marker)

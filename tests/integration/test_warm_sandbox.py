@@ -506,6 +506,8 @@ def test_the_launcher_bound_is_a_copy_the_task_user_can_reach(
     command = native.warm_command(jobs.root, False, (), [3, 5], 4)
     assert command[command.index(LAUNCHER_INSIDE) - 1] == str(binary)
     assert command[-5:-3] == ["--", LAUNCHER_INSIDE]  # run as it is
+    # It also starts bwrap from inside the sandbox's cgroup (its home cgroup.procs: fd 5).
+    assert command[:4] == [str(binary), "--join", "5", "--"]
     assert (command[-3], command[-1]) == ("3", "5")  # its socket, then its home cgroups
 
     python = make_runner(jobs, task_account, WarmMode.ALWAYS, native=False)

@@ -189,9 +189,14 @@ class BwrapRunner:
         """The bwrap command line of a warm sandbox: its launcher as PID 1, and the folder that
         holds its tasks' work directories at /work. ``launcher_fds``: its control socket, then its
         own cgroup.procs files; it takes the rlimits itself (see warm_launcher.py)."""
-        argv = [*self._bwrap(status_fd), *self._namespaces(network), "--as-pid-1"]
-        argv += ["--bind", str(jobdir.resolve()), "/work", "--chdir", "/work"]
         assert self.launcher is not None  # no warm pool without one
+        argv = [*self._bwrap(status_fd), *self._namespaces(network), "--as-pid-1"]
+        if self.launcher.native:
+            # It joins the sandbox's cgroup, then execs setpriv and bwrap: all bwrap forks is
+            # born there (see warm_launcher.c's --join).
+            home = [str(fd) for fd in launcher_fds[1:]]
+            argv = [str(self.launcher.path), "--join", *home, "--", *argv]
+        argv += ["--bind", str(jobdir.resolve()), "/work", "--chdir", "/work"]
         argv += ["--ro-bind", str(self.launcher.path), LAUNCHER_INSIDE]
         argv += _read_only_binds(ro_binds)
         argv += [*self._READ_ONLY, "--clearenv", "--", *self.launcher.argv]

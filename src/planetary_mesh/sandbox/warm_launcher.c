@@ -286,7 +286,33 @@ static void reap(void) {
     }
 }
 
+/* launcher --join FD... -- COMMAND...: the agent's helper on the host, not the launcher. It
+ * moves itself into the cgroups whose cgroup.procs are open on the FDs, then execs COMMAND
+ * (setpriv, then bwrap): everything bwrap forks is born in the sandbox's cgroup, where a kill,
+ * or the sweep after a crashed agent, reaches it. Moved in by the agent after the spawn, bwrap
+ * could fork first, and a first child left outside was seen waiting for ever once bwrap died. */
+static int join_then_exec(int argc, char **argv) {
+    int i = 2;
+    for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
+        int fd = atoi(argv[i]);
+        if (write(fd, "0", 1) != 1) {
+            fprintf(stderr, "planetary-mesh launcher: cannot join the cgroup on fd %d: %s\n", fd,
+                    strerror(errno));
+            return 126;
+        }
+    }
+    if (i + 1 >= argc) {
+        fprintf(stderr, "usage: launcher --join FD... -- COMMAND...\n");
+        return 2;
+    }
+    execvp(argv[i + 1], argv + i + 1);
+    fprintf(stderr, "planetary-mesh launcher: cannot run %s: %s\n", argv[i + 1], strerror(errno));
+    return 127;
+}
+
 int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "--join") == 0)
+        return join_then_exec(argc, argv);
     if (argc < 3 || argc - 3 > MAX_FDS - 1) {
         fprintf(stderr, "usage: launcher CONTROL RLIMITS HOME...\n");
         return 2;

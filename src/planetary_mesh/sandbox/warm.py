@@ -67,12 +67,13 @@ from planetary_mesh.sandbox.runner import (
 
 log = logging.getLogger(__name__)
 
-# A spare is made at the lowest CPU priority, so that making it (setpriv, bwrap and the
-# launcher's start-up: ~10 ms of CPU) takes no CPU from running tasks and the messages that
-# start and end them; ready, or wanted by a job, it is set back to normal.
+# A spare is made at the lowest CPU priority, so that making it (setpriv, bwrap and its
+# namespaces, the launcher's start-up: ~8 ms of CPU with the C launcher) takes no CPU from
+# running tasks and the messages that start and end them; ready, or wanted by a job, it is set
+# back to normal.
 SPARE_NICE = 19
-# The launcher itself: a small Python, and the children it forked but the agent has not yet
-# moved to their own cgroups.
+# What the sandbox's own cgroup holds: the launcher (C, or a small Python) and bwrap; tasks are
+# spawned from inside their own cgroups.
 LAUNCHER_LIMITS = Limits(memory=128 * 1024 * 1024, pids=256)
 MAX_REQUEST_BYTES = 128 * 1024  # a launch this large (a huge environment) gets a fresh sandbox
 TREE_GONE_TIMEOUT_S = 30.0  # a process stuck in the kernel (D state) can hold its cgroup up

@@ -46,12 +46,15 @@ class Host:
     mark: str  # in every task's command line
 
 
-@pytest.fixture
-def host(task_account: TaskUser) -> Iterator[Host]:
+# A fresh sandbox's bwrap is started by the C launcher's helper (it joins the task's cgroup and
+# takes the rlimits, then execs), or without a compiler from the agent's own fork: both run.
+@pytest.fixture(params=[True, False], ids=["c-helper", "fork"])
+def host(task_account: TaskUser, request: pytest.FixtureRequest) -> Iterator[Host]:
     # Read before the backend is made: a v2 backend moves this process into a leaf.
     v1, v2 = own_cgroups(Path("/proc/self/cgroup").read_text())
     cgroups = detect_cgroups()
-    runner = BwrapRunner(user=task_account, cgroups=cgroups)
+    runner = BwrapRunner(user=task_account, cgroups=cgroups, native_launcher=request.param)
+    assert runner.launcher is not None and runner.launcher.native is request.param
     mark = f"pm-limits-{uuid.uuid4().hex}"
     bases: list[Path] = []
     try:

@@ -32,6 +32,7 @@ from planetary_mesh.errors import SandboxError
 from planetary_mesh.sandbox.bwrap_spawn import (
     SETUP_TIMEOUT_S,
     Spawned,
+    abandon,
     close_fd,
     hand_over,
     kill,
@@ -40,7 +41,13 @@ from planetary_mesh.sandbox.bwrap_spawn import (
     spawn_bwrap,
 )
 from planetary_mesh.sandbox.launchers import LAUNCHER_INSIDE, Launcher, prepare_launcher
-from planetary_mesh.sandbox.limits import RLIMITS, CgroupBackend, TaskCgroup, move_warmer
+from planetary_mesh.sandbox.limits import (
+    RLIMITS,
+    CgroupBackend,
+    TaskCgroup,
+    move_warmer,
+    open_procs,
+)
 from planetary_mesh.sandbox.reaper import start_reaper
 from planetary_mesh.sandbox.runner import (
     OUTPUT_GRACE_S,
@@ -98,11 +105,12 @@ class BwrapRunner:
         self._launcher_dir = make_scratch("launcher")
         self._launcher_dir.chmod(0o711)
         self.launcher: Launcher | None = None
-        if self._reaper_pipe is not None and warm is not WarmMode.OFF:
+        if self._reaper_pipe is not None:
+            # Fresh sandboxes use the C one too, as a helper that starts bwrap (see _joining).
             self.launcher = prepare_launcher(self._launcher_dir, native_launcher)
         self.warm = (
             None
-            if self.launcher is None or cgroups is None
+            if self.launcher is None or cgroups is None or warm is WarmMode.OFF
             else WarmPool(
                 warm,
                 self.warm_command,
@@ -219,13 +227,40 @@ class BwrapRunner:
                 group = self.cgroups.create(launch.limits)
             except OSError as error:
                 raise SandboxError(f"cannot make the task's cgroup: {error}") from error
-        spawned = await spawn_bwrap(
-            lambda status_fd: self.command(launch, status_fd),
-            functools.partial(ProcessPipes, on_output),
-            group,
-            self.executable,
-        )
+        helper = self.launcher is not None and self.launcher.native
+        procs: list[int] = []
+        if helper and group is not None:
+            try:
+                procs = open_procs(group)
+            except OSError as error:
+                abandon(group)
+                raise SandboxError(f"cannot open the task's cgroup: {error}") from error
+        try:
+            spawned = await spawn_bwrap(
+                lambda status_fd: (
+                    [*self._joining(procs), *self.command(launch, status_fd)]
+                    if helper
+                    else self.command(launch, status_fd)
+                ),
+                functools.partial(ProcessPipes, on_output),
+                group,
+                self.executable,
+                pass_fds=tuple(procs),
+                joins_itself=helper,
+            )
+        finally:
+            for fd in procs:
+                os.close(fd)
         return _BwrapTask(launch, spawned, group)
+
+    def _joining(self, procs: list[int]) -> list[str]:
+        """The C launcher's helper mode before a fresh sandbox's command: it joins the task's
+        cgroup (its ``cgroup.procs`` open on ``procs``) and takes the rlimits, then execs the
+        command, so the agent's spawn needs no code between fork and exec (see spawn_bwrap)."""
+        assert self.launcher is not None
+        rlimits = ",".join(f"{name}={value}" for name, value in RLIMITS.items())
+        fds = [str(fd) for fd in procs]
+        return [str(self.launcher.path), "--join", *fds, "--rlimits", rlimits, "--"]
 
 
 class _BwrapTask(ProcessTask):

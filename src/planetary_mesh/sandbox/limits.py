@@ -114,6 +114,21 @@ def join_cgroup(procs: list[Path], pid: int) -> None:
             _write(path, str(pid))
 
 
+def open_procs(group: TaskCgroup) -> list[int]:
+    """``group``'s cgroup.procs files, open for writing: whoever holds them may move itself
+    there (the kernel checks the rights of who opened them), which is how the launcher joins a
+    task's cgroup without any rights of its own."""
+    fds: list[int] = []
+    try:
+        for path in group.procs_files():
+            fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
 def _read(path: Path) -> str:
     """A small control file (the cgroup files read after each task)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -53,7 +53,7 @@ from planetary_mesh.sandbox.bwrap_spawn import (
     sandbox_init_pidfd,
     spawn_bwrap,
 )
-from planetary_mesh.sandbox.limits import CgroupBackend, Limits, TaskCgroup
+from planetary_mesh.sandbox.limits import CgroupBackend, Limits, TaskCgroup, open_procs
 from planetary_mesh.sandbox.runner import (
     EndReason,
     OutputPipe,
@@ -146,7 +146,7 @@ class WarmSandbox:
         mine.setblocking(False)
         # The launcher joins its cgroup through these, and comes home through them after it
         # has spawned a task from inside the task's cgroup.
-        home = _open_procs(self._group)
+        home = open_procs(self._group)
         try:
             control_fd = theirs.fileno()
             self._spawned = await spawn_bwrap(
@@ -223,7 +223,7 @@ class WarmSandbox:
             out_read, out_write = os.pipe()
             sent = [out_write]
             try:
-                sent += _open_procs(group)
+                sent += open_procs(group)
                 socket.send_fds(self._control, [request], sent)
             except OSError as error:  # full (BlockingIOError) or the launcher is gone
                 raise WarmUnavailable(f"cannot reach the launcher: {error}") from error
@@ -498,18 +498,3 @@ async def _receive(sock: socket.socket) -> bytes:
             return sock.recv(65536)
         except BlockingIOError:
             await readable(sock.fileno())
-
-
-def _open_procs(group: TaskCgroup) -> list[int]:
-    """``group``'s cgroup.procs files, open for writing: whoever holds them may move itself
-    there (the kernel checks the rights of who opened them), which is how the launcher joins a
-    task's cgroup without any rights of its own."""
-    fds: list[int] = []
-    try:
-        for path in group.procs_files():
-            fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
-    except OSError:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return fds

@@ -286,14 +286,24 @@ static void reap(void) {
     }
 }
 
-/* launcher --join FD... -- COMMAND...: the agent's helper on the host, not the launcher. It
- * moves itself into the cgroups whose cgroup.procs are open on the FDs, then execs COMMAND
- * (setpriv, then bwrap): everything bwrap forks is born in the sandbox's cgroup, where a kill,
- * or the sweep after a crashed agent, reaches it. Moved in by the agent after the spawn, bwrap
- * could fork first, and a first child left outside was seen waiting for ever once bwrap died. */
+/* launcher --join FD... [--rlimits SPEC] -- COMMAND...: the agent's helper on the host, not the
+ * launcher. It moves itself into the cgroups whose cgroup.procs are open on the FDs, takes the
+ * rlimits, then execs COMMAND (setpriv, then bwrap): everything bwrap forks is born in the
+ * sandbox's cgroup, where a kill, or the sweep after a crashed agent, reaches it. Moved in by the
+ * agent after the spawn, bwrap could fork first, and a first child left outside was seen waiting
+ * for ever once bwrap died; done in the agent's own fork, between fork and exec, it cost a fork
+ * of the whole agent (10-30 ms of its event loop) where this is a vfork and one exec more. */
 static int join_then_exec(int argc, char **argv) {
     int i = 2;
     for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
+        if (strcmp(argv[i], "--rlimits") == 0 && i + 1 < argc) {
+            if (set_rlimits(argv[++i]) < 0) {
+                fprintf(stderr, "planetary-mesh launcher: cannot set the rlimits: %s\n",
+                        strerror(errno));
+                return 126;
+            }
+            continue;
+        }
         int fd = atoi(argv[i]);
         if (write(fd, "0", 1) != 1) {
             fprintf(stderr, "planetary-mesh launcher: cannot join the cgroup on fd %d: %s\n", fd,
@@ -302,7 +312,7 @@ static int join_then_exec(int argc, char **argv) {
         }
     }
     if (i + 1 >= argc) {
-        fprintf(stderr, "usage: launcher --join FD... -- COMMAND...\n");
+        fprintf(stderr, "usage: launcher --join FD... [--rlimits SPEC] -- COMMAND...\n");
         return 2;
     }
     execvp(argv[i + 1], argv + i + 1);

@@ -158,8 +158,9 @@ def test_running_tasks_are_adopted_after_a_coordinator_kill9(tmp_path: Path) -> 
     marker = f"mesh-adopt-{uuid.uuid4().hex}"
     try:
         with LocalMesh(tmp_path, agents=2, agent_cpus=1) as mesh, mesh.client() as client:
-            # Long enough to outlast a restart and reconnect on a loaded 2-core machine.
-            job = client.submit(JobSubmit(argv=_sleeper(8, marker), count=2))
+            # Long enough to outlast a restart and reconnect on a loaded 2-core machine (8 s
+            # was not, once, in a CI run of the whole suite).
+            job = client.submit(JobSubmit(argv=_sleeper(15, marker), count=2))
             wait_for(lambda: len(_running_on(client, job.id)) == 2, 30, "both tasks running")
             wait_for(lambda: len(processes_with(marker)) >= 2, 10, "their processes")
             pids = {p.pid for p in processes_with(marker)}

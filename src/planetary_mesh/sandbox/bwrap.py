@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 TMP_BYTES = 256 * 1024 * 1024  # size of the task's private /tmp (a tmpfs)
 SHM_BYTES = 64 * 1024 * 1024  # size of its /dev/shm (POSIX shared memory, semaphores)
 TREE_GONE_TIMEOUT_S = 30.0  # a process stuck in the kernel (D state) can hold a namespace up
+# The tasks' rlimits as the launcher and its helper mode read them: "RLIMIT_CORE=0,...".
+_RLIMITS_SPEC = ",".join(f"{name}={value}" for name, value in RLIMITS.items())
 _SIGNAL_BASE = 128  # bwrap, like a shell, exits 128 + N for a command killed by signal N
 _MAX_SIGNAL = 64
 
@@ -208,8 +210,7 @@ class BwrapRunner:
         argv += ["--ro-bind", str(self.launcher.path), LAUNCHER_INSIDE]
         argv += _read_only_binds(ro_binds)
         argv += [*self._READ_ONLY, "--clearenv", "--", *self.launcher.argv]
-        rlimits = ",".join(f"{name}={value}" for name, value in RLIMITS.items())
-        return [*argv, str(launcher_fds[0]), rlimits, *map(str, launcher_fds[1:])]
+        return [*argv, str(launcher_fds[0]), _RLIMITS_SPEC, *map(str, launcher_fds[1:])]
 
     async def start(self, launch: TaskLaunch, on_output: OutputSink) -> RunningTask:
         launch.check_workdir()
@@ -247,6 +248,7 @@ class BwrapRunner:
                 self.executable,
                 pass_fds=tuple(procs),
                 joins_itself=helper,
+                joined=helper,
             )
         finally:
             for fd in procs:
@@ -258,9 +260,8 @@ class BwrapRunner:
         cgroup (its ``cgroup.procs`` open on ``procs``) and takes the rlimits, then execs the
         command, so the agent's spawn needs no code between fork and exec (see spawn_bwrap)."""
         assert self.launcher is not None
-        rlimits = ",".join(f"{name}={value}" for name, value in RLIMITS.items())
         fds = [str(fd) for fd in procs]
-        return [str(self.launcher.path), "--join", *fds, "--rlimits", rlimits, "--"]
+        return [str(self.launcher.path), "--join", *fds, "--rlimits", _RLIMITS_SPEC, "--"]
 
 
 class _BwrapTask(ProcessTask):

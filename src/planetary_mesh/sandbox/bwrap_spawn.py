@@ -53,12 +53,16 @@ async def spawn_bwrap(
     pass_fds: tuple[int, ...] = (),
     joins_itself: bool = False,
     nice: int = 0,
+    joined: bool = False,
 ) -> Spawned:
     """Run ``command(status_fd)`` in ``group`` with the rlimits, and wait for its sandbox.
     ``joins_itself``: the command joins ``group`` and takes the rlimits itself (the C
     launcher's helper mode, or a warm sandbox's launcher), so nothing runs between fork and exec
     and the spawn can vfork: forking the whole agent to run that code blocked its event loop for
     10 to 30 ms.
+
+    ``joined``: the command joins ``group`` before it execs bwrap (the C launcher's helper), so
+    bwrap needs no move after the spawn.
 
     ``nice``: the CPU priority bwrap (and so the sandbox it forks) starts at; the caller
     sets it back (`renice`) once the sandbox is ready.
@@ -102,12 +106,12 @@ async def spawn_bwrap(
             os.close(output_write)
         transport = BwrapProcess(popen, pipes_factory())
         pipes = transport.pipes
-        if joins_itself:
-            # The C launcher's helper has joined already (a no-op move then). The Python
-            # launcher joins its cgroup itself, but bwrap forks the sandbox's first process
+        if joins_itself and not joined:
+            # The launcher joins its cgroup itself, but bwrap forks the sandbox's first process
             # before that: with bwrap moved in now (it first parses and sets up for a while),
             # that process is most often born in the cgroup, where a kill, or the sweep after a
-            # crashed agent, reaches it.
+            # crashed agent, reaches it. (A warm sandbox's C launcher's helper has joined
+            # already: a no-op move then.)
             join_cgroup(procs, popen.pid)
         if nice:
             # Set before bwrap forks the sandbox's init (it first parses and sets up), which

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import shutil
+import subprocess
 import tempfile
 import time
 import uuid
@@ -506,8 +507,10 @@ def test_the_launcher_bound_is_a_copy_the_task_user_can_reach(
     command = native.warm_command(jobs.root, False, (), [3, 5], 4)
     assert command[command.index(LAUNCHER_INSIDE) - 1] == str(binary)
     assert command[-5:-3] == ["--", LAUNCHER_INSIDE]  # run as it is
-    # It also starts bwrap from inside the sandbox's cgroup (its home cgroup.procs: fd 5).
-    assert command[:4] == [str(binary), "--join", "5", "--"]
+    # It also starts bwrap from inside the sandbox's cgroup (its home cgroup.procs: fd 5), as
+    # the task user (no setpriv: it drops to the user itself).
+    user = f"{task_account.uid}:{task_account.gid}"
+    assert command[:7] == [str(binary), "--join", "5", "--user", user, "--", native.executable]
     assert (command[-3], command[-1]) == ("3", "5")  # its socket, then its home cgroups
 
     python = make_runner(jobs, task_account, WarmMode.ALWAYS, native=False)
@@ -518,12 +521,49 @@ def test_the_launcher_bound_is_a_copy_the_task_user_can_reach(
     assert compiled.stat().st_mode & 0o777 == 0o644
     command = python.warm_command(jobs.root, False, (), [3, 5], 4)
     assert command[command.index(LAUNCHER_INSIDE) - 1] == str(compiled)
+    assert command[:2] == [*task_account.setpriv()[:1], f"--reuid={task_account.uid}"]
     interpreter, *flags = python.launcher.argv
     assert interpreter.startswith("/usr/") and flags == ["-I", "-S", LAUNCHER_INSIDE]
     assert command[-7:-3] == [interpreter, *flags]
     for runner in (native, python):
         runner.close()
     assert not binary.exists() and not compiled.exists() and not source.exists()
+
+
+def test_the_helper_becomes_the_task_user_exactly_as_setpriv_did(
+    jobs: Jobs, task_account: TaskUser
+) -> None:
+    # The helper drops to the task user itself (no setpriv exec before bwrap): what a process
+    # it starts is must match, field by field, what setpriv made of it.
+    runner = make_runner(jobs, task_account, WarmMode.ALWAYS)
+    assert runner.launcher is not None
+    fields = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+    show = ["grep", "-E", f"^({'|'.join(fields)}|NoNewPrivs):", "/proc/self/status"]
+    user = f"{task_account.uid}:{task_account.gid}"
+    helper = [str(runner.launcher.path), "--join", "--user", user, "--"]
+    by_helper = subprocess.run([*helper, *show], capture_output=True, text=True, check=True)
+    by_setpriv = subprocess.run(
+        [*task_account.setpriv(), *show], capture_output=True, text=True, check=True
+    )
+    assert by_helper.stdout == by_setpriv.stdout
+    status = dict(line.split(":\t", 1) for line in by_helper.stdout.splitlines())
+    assert status["Uid"].split() == [str(task_account.uid)] * 4
+    assert status["Gid"].split() == [str(task_account.gid)] * 4
+    assert status["Groups"].strip() == "" and status["NoNewPrivs"] == "1"
+    assert all(int(status[name], 16) == 0 for name in fields if name.startswith("Cap"))
+
+    # Root, or a user it cannot read, is refused before anything runs.
+    for wrong in ("0:0", "mesh-task", f"{task_account.uid}:", ""):
+        refused = subprocess.run(
+            [str(runner.launcher.path), "--join", "--user", wrong, "--", "touch", "/ran"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert refused.returncode == 126, (wrong, refused)
+        assert f"cannot become the task user {wrong}" in refused.stderr
+    assert not Path("/ran").exists()
+    runner.close()
 
 
 def test_without_a_working_c_compiler_the_python_launcher_runs_and_the_log_says_why(

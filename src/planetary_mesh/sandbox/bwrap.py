@@ -108,7 +108,7 @@ class BwrapRunner:
         self._launcher_dir.chmod(0o711)
         self.launcher: Launcher | None = None
         if self._reaper_pipe is not None:
-            # Fresh sandboxes use the C one too, as a helper that starts bwrap (see _joining).
+            # Fresh sandboxes use the C one too, as a helper that starts bwrap (see _helper).
             self.launcher = prepare_launcher(self._launcher_dir, native_launcher)
         self.warm = (
             None
@@ -149,8 +149,11 @@ class BwrapRunner:
             reuse = "warm sandbox per job"
         return f"bwrap {who}; {limits}; rlimits; private /tmp {TMP_BYTES // 2**20}M; {reuse}"
 
-    def _bwrap(self, status_fd: int | None) -> list[str]:
-        argv = [*(self.user.setpriv() if self.user else []), self.executable]
+    def _bwrap(self, status_fd: int | None, by_helper: bool = False) -> list[str]:
+        """bwrap, run as the task user: the C launcher's helper becomes it (``_helper``), or,
+        with no helper, setpriv does."""
+        drop = self.user.setpriv() if self.user and not by_helper else []
+        argv = [*drop, self.executable]
         if status_fd is not None:
             argv += ["--json-status-fd", str(status_fd)]
         return argv
@@ -175,10 +178,13 @@ class BwrapRunner:
     # own root or /dev, which are unsized in-memory file systems.
     _READ_ONLY = ("--remount-ro", "/dev", "--remount-ro", "/")
 
-    def command(self, launch: TaskLaunch, status_fd: int | None = None) -> list[str]:
-        """The bwrap command line that runs ``launch`` in a fresh sandbox of its own."""
+    def command(
+        self, launch: TaskLaunch, status_fd: int | None = None, by_helper: bool = False
+    ) -> list[str]:
+        """The bwrap command line that runs ``launch`` in a fresh sandbox of its own; with
+        ``by_helper``, for the helper to start (see ``_helper``)."""
         inside = launch.sandbox_workdir
-        argv = [*self._bwrap(status_fd), *self._namespaces(launch.network)]
+        argv = [*self._bwrap(status_fd, by_helper), *self._namespaces(launch.network)]
         argv += ["--bind", str(launch.workdir.resolve()), inside, "--chdir", inside]
         argv += _read_only_binds(launch.ro_binds)
         for device in launch.devices:
@@ -200,12 +206,11 @@ class BwrapRunner:
         holds its tasks' work directories at /work. ``launcher_fds``: its control socket, then its
         own cgroup.procs files; it takes the rlimits itself (see warm_launcher.py)."""
         assert self.launcher is not None  # no warm pool without one
-        argv = [*self._bwrap(status_fd), *self._namespaces(network), "--as-pid-1"]
-        if self.launcher.native:
-            # It joins the sandbox's cgroup, then execs setpriv and bwrap: all bwrap forks is
-            # born there (see warm_launcher.c's --join).
-            home = [str(fd) for fd in launcher_fds[1:]]
-            argv = [str(self.launcher.path), "--join", *home, "--", *argv]
+        native = self.launcher.native
+        argv = [*self._bwrap(status_fd, native), *self._namespaces(network), "--as-pid-1"]
+        if native:
+            # It joins the sandbox's cgroup, then execs bwrap: all bwrap forks is born there.
+            argv = [*self._helper(launcher_fds[1:], rlimits=False), *argv]
         argv += ["--bind", str(jobdir.resolve()), "/work", "--chdir", "/work"]
         argv += ["--ro-bind", str(self.launcher.path), LAUNCHER_INSIDE]
         argv += _read_only_binds(ro_binds)
@@ -239,7 +244,7 @@ class BwrapRunner:
         try:
             spawned = await spawn_bwrap(
                 lambda status_fd: (
-                    [*self._joining(procs), *self.command(launch, status_fd)]
+                    [*self._helper(procs, rlimits=True), *self.command(launch, status_fd, True)]
                     if helper
                     else self.command(launch, status_fd)
                 ),
@@ -255,13 +260,19 @@ class BwrapRunner:
                 os.close(fd)
         return _BwrapTask(launch, spawned, group)
 
-    def _joining(self, procs: list[int]) -> list[str]:
-        """The C launcher's helper mode before a fresh sandbox's command: it joins the task's
-        cgroup (its ``cgroup.procs`` open on ``procs``) and takes the rlimits, then execs the
-        command, so the agent's spawn needs no code between fork and exec (see spawn_bwrap)."""
+    def _helper(self, procs: list[int], rlimits: bool) -> list[str]:
+        """The C launcher's helper mode before a sandbox's bwrap command: it joins the cgroup
+        whose ``cgroup.procs`` are open on ``procs``, takes the rlimits (a warm sandbox's
+        launcher takes them itself) and becomes the task user, then execs bwrap. Nothing of the
+        sandbox is born outside its cgroup, and the agent's spawn needs no code between fork
+        and exec (see spawn_bwrap)."""
         assert self.launcher is not None
-        fds = [str(fd) for fd in procs]
-        return [str(self.launcher.path), "--join", *fds, "--rlimits", _RLIMITS_SPEC, "--"]
+        argv = [str(self.launcher.path), "--join", *map(str, procs)]
+        if rlimits:
+            argv += ["--rlimits", _RLIMITS_SPEC]
+        if self.user is not None:
+            argv += ["--user", f"{self.user.uid}:{self.user.gid}"]
+        return [*argv, "--"]
 
 
 class _BwrapTask(ProcessTask):

@@ -8,9 +8,10 @@ time it needs it (statically linked where it can: no dynamic loader at each star
 binary in a cache named by the hash of its source and recipe, so an upgrade recompiles and
 agents starting together each compile at most once (~0.2 s). Both speak the same protocol
 (warm_launcher.py's docstring). The C binary is also the agent's helper on the host: run as
-``launcher --join FD... [--rlimits SPEC] -- COMMAND``, it joins a sandbox's cgroup and takes the
-rlimits, then execs setpriv and bwrap, so everything of the sandbox is born in its cgroup and
-the agent's spawn is a vfork (see bwrap.py).
+``launcher --join FD... [--rlimits SPEC] [--user UID:GID] -- COMMAND``, it joins a sandbox's
+cgroup, takes the rlimits and becomes the task user (what setpriv did, without its exec), then
+execs bwrap, so everything of the sandbox is born in its cgroup and the agent's spawn is a vfork
+(see bwrap.py).
 
 bwrap binds the launcher after it has dropped to the task user, so the package's own copy may sit
 where that user cannot look (a venv in a private home): it binds a copy that root owns and

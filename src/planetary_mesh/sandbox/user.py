@@ -1,13 +1,14 @@
 """The unprivileged account tasks run as when the agent runs as root.
 
-A root agent drops to it with ``setpriv`` before ``bwrap``, so a task is an ordinary user even
-where a sandbox escape would leave it: it cannot read the agent's keys (mode 0600, root's) or
-anything else root keeps to itself.
+A root agent drops to it before ``bwrap`` (the C launcher's helper does, or else ``setpriv``), so
+a task is an ordinary user even where a sandbox escape would leave it: it cannot read the agent's
+keys (mode 0600, root's) or anything else root keeps to itself.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import pwd
 import shutil
@@ -32,9 +33,8 @@ class TaskUser:
 
     def setpriv(self) -> list[str]:
         """The command prefix that becomes this user with no capabilities and no way back."""
-        executable = shutil.which("setpriv") or "/usr/bin/setpriv"
         return [
-            executable,
+            _setpriv(),
             f"--reuid={self.uid}",
             f"--regid={self.gid}",
             "--clear-groups",
@@ -42,6 +42,11 @@ class TaskUser:
             "--bounding-set=-all",
             "--no-new-privs",
         ]
+
+
+@functools.cache
+def _setpriv() -> str:
+    return shutil.which("setpriv") or "/usr/bin/setpriv"  # a search of PATH: once
 
 
 def _lookup(name: str) -> pwd.struct_passwd | None:

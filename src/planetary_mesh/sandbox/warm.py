@@ -67,8 +67,8 @@ from planetary_mesh.sandbox.runner import (
 
 log = logging.getLogger(__name__)
 
-# A spare is made at the lowest CPU priority, so that making it (setpriv, bwrap and its
-# namespaces, the launcher's start-up: ~8 ms of CPU with the C launcher) takes no CPU from
+# A spare is made at the lowest CPU priority, so that making it (the helper, bwrap and its
+# namespaces, the launcher's start-up: ~6 ms of CPU with the C launcher) takes no CPU from
 # running tasks and the messages that start and end them; ready, or wanted by a job, it is set
 # back to normal.
 SPARE_NICE = 19

@@ -79,7 +79,16 @@ class ClientError(MeshError):
 
 
 class CoordinatorUnreachable(ClientError):
-    """No connection to the coordinator could be made."""
+    """No connection to the coordinator could be made, or it dropped before the answer.
+
+    ``job_id``: the job the request submitted, where the caller chose its id (``Client.run``):
+    it may exist all the same, and ``Client.wait(job_id)`` picks it up once the coordinator is
+    back.
+    """
+
+    def __init__(self, message: str, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
 
 
 class NotFound(ClientError):

@@ -22,6 +22,9 @@ MAX_TASKS_PER_JOB = 10_000_000  # an executor's calls over its life (an array: M
 MAX_CALL_BYTES = 8 * 1024 * 1024  # one function call: the pickled function and arguments
 MAX_RESULT_BYTES = 8 * 1024 * 1024  # one call's pickled result (or its error record)
 PYTHON_VERSION = r"^3\.[0-9]{1,2}$"
+# A job id: the coordinator picks 10 hex digits; a client choosing its own (JobSubmit.id) picks
+# 10 to 32, enough that two clients never pick the same by chance.
+JOB_ID = r"^[0-9a-f]{10,32}$"
 
 
 def base64_size(size: int) -> int:
@@ -91,6 +94,9 @@ class Strict(BaseModel):
 
 
 class JobSubmit(Strict):
+    # Chosen by the client, or left out for the coordinator to pick: a client that picks it
+    # knows its job even when the connection drops before the answer (Client.run).
+    id: str | None = Field(default=None, pattern=JOB_ID)
     name: str = Field(default="job", min_length=1, max_length=128)
     argv: list[Annotated[str, Field(max_length=8192)]] = Field(min_length=1, max_length=1024)
     env: Annotated[

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 from helpers import output_of, wait_for, wait_job
 
+from planetary_mesh.errors import CoordinatorUnreachable
 from planetary_mesh.protocol import JobSubmit
 from planetary_mesh.testing import LocalMesh
 
@@ -39,7 +41,28 @@ def test_coordinator_kill9_and_restart_loses_nothing(tmp_path: Path) -> None:
             before = client.job(job.id)
             done_before = [t.index for t in before.task_list or [] if t.state == "succeeded"]
 
+            # A submit-and-wait in flight when the coordinator dies: the caller learns the id
+            # of the job it may have made (it had picked it before sending).
+            lost: list[BaseException] = []
+            late = JobSubmit(argv=["sh", "-c", "sleep 3; echo late"], priority=10)
+
+            def run_late() -> None:
+                with mesh.client() as own:
+                    try:
+                        own.run(late)
+                    except BaseException as exc:  # the assertion below says what it was
+                        lost.append(exc)
+
+            runner = threading.Thread(target=run_late)
+            runner.start()
+            wait_for(lambda: len(client.jobs()) == 2, 30, "the run's job to be submitted")
+
         mesh.kill_coordinator()
+        runner.join(30)
+        assert not runner.is_alive()
+        [error] = lost
+        assert isinstance(error, CoordinatorUnreachable), repr(error)
+        assert error.job_id is not None and error.job_id in str(error)
         mesh.start_coordinator()
 
         with mesh.client() as client:
@@ -60,3 +83,6 @@ def test_coordinator_kill9_and_restart_loses_nothing(tmp_path: Path) -> None:
             # What had finished before the crash was neither lost nor run again.
             for index in done_before:
                 assert detail.task_list[index].attempts == 1
+            # The run's job was not lost either: waited on by the id the error gave.
+            assert client.wait(error.job_id, timeout=60).state == "succeeded"
+            assert output_of(client, error.job_id, 0) == "late\n"

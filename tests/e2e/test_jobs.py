@@ -6,6 +6,7 @@ import base64
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from helpers import kill_leftovers, output_of, processes_with, wait_for, wait_job
 
 from planetary_mesh.client import Client
+from planetary_mesh.errors import RequestRejected
 from planetary_mesh.protocol import JobSubmit
 from planetary_mesh.testing import LocalMesh
 
@@ -79,6 +81,44 @@ def _tree_command(marker: str) -> list[str]:
         "-c",
         f"setsid python3 -c '{sleeper}' & python3 -c '{sleeper}' & echo started; wait",
     ]
+
+
+def test_run_submits_and_waits_in_one_call_under_an_id_known_before_the_answer(
+    client: Client,
+) -> None:
+    done = client.run(JobSubmit(argv=["sh", "-c", "echo ran $MESH_JOB_ID"], memory=16 * 2**20))
+    assert done.state == "succeeded" and done.tasks["succeeded"] == 1
+    assert len(done.id) == 16  # picked by the client, before it sent anything
+    assert output_of(client, done.id, 0) == f"ran {done.id}\n"
+
+    # The caller's own id; taken once, it is refused, and the job that holds it is untouched.
+    mine = uuid.uuid4().hex
+    assert client.run(JobSubmit(id=mine, argv=["true"], memory=16 * 2**20)).id == mine
+    before = len(client.jobs(limit=1000))
+    with pytest.raises(RequestRejected) as taken:
+        client.run(JobSubmit(id=done.id, argv=["sh", "-c", "echo other"]))
+    assert taken.value.status == 409
+    assert f"a job with id {done.id} exists already" in str(taken.value)
+    with pytest.raises(RequestRejected) as taken_too:
+        client.submit(JobSubmit(id=mine, argv=["true"]))
+    assert taken_too.value.status == 409
+    assert len(client.jobs(limit=1000)) == before
+    assert output_of(client, done.id, 0) == f"ran {done.id}\n"
+
+    # An id that is not 10-32 lowercase hex digits never reaches the store.
+    for wrong in ("../../etc", "ABCDEF0123", "abc"):
+        with pytest.raises(RequestRejected) as bad:
+            client._request("POST", "/v1/jobs/run", json={"id": wrong, "argv": ["true"]})
+        assert bad.value.status == 422, wrong
+    assert len(client.jobs(limit=1000)) == before
+
+    # With a timeout, the job as it is then; it goes on, and wait picks it up.
+    started = time.monotonic()
+    slow = client.run(JobSubmit(argv=["sleep", "30"], memory=16 * 2**20), timeout=0.5)
+    assert time.monotonic() - started < 10
+    assert slow.tasks["succeeded"] + slow.tasks["failed"] + slow.tasks["cancelled"] == 0
+    assert client.cancel(slow.id).state == "cancelled"
+    assert client.wait(slow.id, timeout=30).state == "cancelled"
 
 
 def test_cancel_kills_the_whole_process_tree(client: Client) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import secrets
 import socket
 import ssl
 import time
@@ -217,7 +218,36 @@ class Client:
         return self._model(TokenInfo, "POST", f"/v1/tokens/{_segment(token_id)}/revoke")
 
     def submit(self, job: JobSubmit) -> JobInfo:
-        return self._model(JobInfo, "POST", "/v1/jobs", json=job.model_dump())
+        return self._model(JobInfo, "POST", "/v1/jobs", json=_body(job))
+
+    def run(self, job: JobSubmit, timeout: float | None = None) -> JobInfo:
+        """Submit ``job`` and wait for its end, in one request: the job (counts only) once every
+        task has ended; with ``timeout``, as it is then. Its id is picked here unless ``job.id``
+        is set, so a connection that drops on the way still names the job: the
+        CoordinatorUnreachable raised carries it as ``job_id`` (``wait(job_id)`` goes on)."""
+        if job.id is None:
+            job = job.model_copy(update={"id": secrets.token_hex(8)})
+        assert job.id is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        left = 60.0 if timeout is None else min(timeout, 60.0)
+        try:
+            found = self._model(
+                JobInfo, "POST", "/v1/jobs/run", json=_body(job),
+                params={"timeout": left}, timeout=left + 30,
+            )  # fmt: skip
+        except CoordinatorUnreachable as exc:
+            raise CoordinatorUnreachable(
+                f"{exc}. Job {job.id} may have been submitted all the same: once the coordinator"
+                f" is back, `mesh status {job.id}` says (or Client.wait)",
+                job_id=job.id,
+            ) from exc
+        ended = sum(found.tasks.get(state, 0) for state in _ENDED)
+        if ended == found.tasks["total"]:
+            return found
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if remaining == 0.0:
+            return found
+        return self.wait(job.id, remaining)
 
     def jobs(self, limit: int = 200) -> list[JobInfo]:
         return self._models(JobInfo, "GET", "/v1/jobs", params={"limit": limit})
@@ -299,6 +329,11 @@ class Client:
 
     def undrain(self, node_id: str) -> NodeInfo:
         return self._model(NodeInfo, "POST", f"/v1/nodes/{_segment(node_id)}/undrain")
+
+
+def _body(job: JobSubmit) -> dict[str, Any]:
+    # Without an id, none is sent: a coordinator from before ids could be chosen still takes it.
+    return job.model_dump(exclude={"id"} if job.id is None else None)
 
 
 def _segment(value: str) -> str:

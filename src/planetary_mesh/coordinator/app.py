@@ -152,6 +152,18 @@ def create_app(service: CoordinatorService) -> FastAPI:
         await _let_assignments_out()
         return views.job_info(job)
 
+    @app.post("/v1/jobs/run", status_code=201)
+    async def run(
+        body: JobSubmit,
+        who: User,
+        timeout: Annotated[float, Query(ge=0, le=300)] = 30.0,
+    ) -> JobInfo:
+        """Submit a job and answer with it (counts only) once every task has ended, or as it is
+        after ``timeout`` seconds: a submit and a wait in one request. With its own ``id`` in the
+        body, the caller knows the job should the connection drop, and waits on with /wait."""
+        job = service.submit(who.name, body)
+        return await until_ended(job.id, timeout)
+
     @app.get("/v1/jobs")
     async def jobs(
         response: Response,
@@ -181,6 +193,9 @@ def create_app(service: CoordinatorService) -> FastAPI:
     ) -> JobInfo:
         """The job (counts only) as soon as every task has ended, or as it is after
         ``timeout`` seconds: a long poll, so a client hears of the end at once."""
+        return await until_ended(job_id, timeout)
+
+    async def until_ended(job_id: str, timeout: float) -> JobInfo:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             seen = service.changes.version

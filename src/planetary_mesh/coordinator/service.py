@@ -204,7 +204,13 @@ class CoordinatorService:
             outputs=tuple(body.outputs),
             **_shared_spec(body),
         )
-        return self._add_job(owner, spec, files, ())
+        if body.id is not None and self.store.has_job(body.id):
+            raise RequestRejected(
+                f"a job with id {body.id} exists already: pick another id, or leave `id` out"
+                " and the coordinator picks one",
+                409,
+            )
+        return self._add_job(owner, spec, files, (), body.id)
 
     def submit_function(self, owner: str, body: FunctionSubmit) -> Job:
         """A job of Python function calls: one task per call, more may be added later."""
@@ -212,9 +218,18 @@ class CoordinatorService:
         return self._add_job(owner, spec, {}, _decode_calls(body.calls))
 
     def _add_job(
-        self, owner: str, spec: JobSpec, files: dict[str, bytes], calls: Sequence[bytes]
+        self,
+        owner: str,
+        spec: JobSpec,
+        files: dict[str, bytes],
+        calls: Sequence[bytes],
+        job_id: str | None = None,
     ) -> Job:
-        job_id = secrets.token_hex(5)
+        """A new job, under ``job_id`` (the client's, checked free) or an id picked here."""
+        if job_id is None:
+            job_id = secrets.token_hex(5)
+            while self.store.has_job(job_id):  # 40 bits: among a million jobs, a repeat is likely
+                job_id = secrets.token_hex(5)
         now = self.clock()
         with self.metrics.store_writes.time(), self.store.transaction():
             self.store.add_job(job_id, owner, spec, files, now, calls)

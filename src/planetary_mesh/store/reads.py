@@ -170,6 +170,9 @@ class StoreReads:
             )
         return jobs
 
+    def has_job(self, job_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM jobs WHERE id=?", (job_id,)).fetchone() is not None
+
     def job(self, job_id: str) -> Job | None:
         rows = self._db.execute(
             f"SELECT {self._JOB_COLUMNS} FROM jobs WHERE id=?", (job_id,)

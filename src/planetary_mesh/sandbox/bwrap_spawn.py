@@ -262,10 +262,13 @@ def abandon(group: TaskCgroup) -> None:
     deadline = time.monotonic() + ABANDON_TIMEOUT_S
     while True:
         group.kill()
-        if group.empty() or time.monotonic() > deadline:
-            break
+        # Empty as listed is not enough: a process still exiting keeps the cgroup busy.
+        if group.empty() and group.remove():
+            return
+        if time.monotonic() > deadline:
+            group.remove()  # a last try; what stays is the sweep's at the agent's exit
+            return
         time.sleep(CGROUP_POLL_S)
-    group.remove()
 
 
 class CgroupReaper:
@@ -284,8 +287,7 @@ class CgroupReaper:
             abandon(group)
             return
         group.kill()
-        if group.empty():
-            group.remove()
+        if group.empty() and group.remove():
             return
         self._dying.append((group, time.monotonic() + ABANDON_TIMEOUT_S))
         if self._timer is None:
@@ -296,11 +298,13 @@ class CgroupReaper:
         now = time.monotonic()
         dying, self._dying = self._dying, []
         for group, deadline in dying:
-            if group.empty() or now > deadline:
-                group.remove()
-            else:
-                group.kill()
-                self._dying.append((group, deadline))
+            if group.empty() and group.remove():
+                continue
+            if now > deadline:
+                group.remove()  # a last try; what stays is the sweep's at the agent's exit
+                continue
+            group.kill()
+            self._dying.append((group, deadline))
         if self._dying:
             self._timer = asyncio.get_running_loop().call_later(CGROUP_POLL_S, self._poll)
 

@@ -68,7 +68,7 @@ class TaskCgroup(Protocol):
         shared /tmp) is a trifle."""
         ...
 
-    def remove(self) -> None: ...
+    def remove(self) -> bool: ...
 
 
 class CgroupBackend(Protocol):
@@ -246,10 +246,18 @@ class _Group:
         except (OSError, ValueError):
             return False
 
-    def remove(self) -> None:
+    def remove(self) -> bool:
+        """Remove it from every hierarchy; False while some hierarchy still holds it (a process
+        that is exiting is no longer listed in ``cgroup.procs`` but keeps its cgroup busy)."""
+        removed = True
         for d in self.dirs:
-            with contextlib.suppress(OSError):
+            try:
                 d.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                removed = False
+        return removed
 
 
 class CgroupV1:

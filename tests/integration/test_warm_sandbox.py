@@ -311,6 +311,19 @@ def test_a_warm_task_keeps_its_own_cgroup_limits_and_exit_status(
         # It holds no descriptor of the launcher's: stdin, the output pipe, nothing more.
         outcome, output = await run(runner, launch(jobs, "job", "ls /proc/$$/fd"))
         assert output.split() == ["0", "1", "2"], output
+        # As a fresh process: a session of its own, stdin /dev/null, no signal blocked or
+        # ignored (but by the Python launcher: glibc's posix_spawn leaves its own two, 32 and
+        # 33, ignored, and Python cannot name them to set them back).
+        state = (
+            "cut -d' ' -f6 /proc/$$/stat; echo $$; readlink /proc/$$/fd/0;"
+            " grep -E '^Sig(Blk|Ign)' /proc/$$/status"
+        )
+        outcome, output = await run(runner, launch(jobs, "job", state))
+        session, shell, stdin, blocked, ignored = output.splitlines()
+        assert session == shell and stdin == "/dev/null", output
+        assert blocked.split() == ["SigBlk:", "0" * 16], output
+        glibc_own = 0 if native else 1 << 31 | 1 << 32
+        assert ignored.split()[0] == "SigIgn:" and int(ignored.split()[1], 16) & ~glibc_own == 0
 
         outcome, _ = await run(runner, launch(jobs, "job", "exit 3"))
         assert (outcome.reason, outcome.exit_code) == (EndReason.EXITED, 3)

@@ -20,7 +20,6 @@
 #include <linux/capability.h>
 #include <poll.h>
 #include <signal.h>
-#include <spawn.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -79,12 +78,6 @@ static int join(const int *fds, int count) {
         if (write(fds[i], "0", 1) != 1)
             return -1;
     return 0;
-}
-
-static void join_home(void) {
-    /* It must not stay among a task's processes: the sandbox ends instead. */
-    if (join(home, home_count) < 0)
-        _exit(70);
 }
 
 static int set_rlimits(char *spec) {
@@ -162,34 +155,75 @@ static void remember(pid_t pid, const char *id) {
     child_count++;
 }
 
-/* posix_spawn argv in the task's cgroups; an errno value (0: started, as *pid). */
-static int start_task(const char *cwd, char **argv, char **env, int out, pid_t *pid) {
+/* Signals the launcher found ignored when it started (SIG_IGN survives exec): a task gets every
+ * signal at its default, as a fresh process has them. The launcher sets no handler itself. */
+static int ignored[_NSIG];
+static int ignored_count = 0;
+
+/* What the vfork child of start_task could not do, for its parent (they share memory until
+ * the child execs or exits). */
+static volatile int join_error, exec_error;
+
+/* Start argv as a task: a vfork child joins the task's cgroups (their cgroup.procs open on
+ * cgroups), so all the task ever runs is counted there, then takes a new session, stdin
+ * /dev/null, stdout and stderr on out, every signal at its default and none blocked, and execs.
+ * The launcher itself never leaves its own cgroup: moving it into the task's and back around a
+ * posix_spawn was six moves (in a loop here 1.3 ms a start against 0.26 ms for these three; in
+ * the agent, which keeps moves quick, ~0.1 ms), and glibc's posix_spawn left its two internal
+ * signals (32, 33) ignored in the task. An errno value (0: started, as *pid); *joined is 0 when
+ * the cgroups were the trouble. */
+static int start_task(const char *cwd, char **argv, char **env, int out, const int *cgroups,
+                      int cgroup_count, pid_t *pid, int *joined) {
     char path[4096];
+    *joined = 1;
     int error = chdir(cwd) < 0 ? errno : command_path(argv[0], env, path, sizeof path);
     if (error != 0)
         return error;
-    posix_spawn_file_actions_t actions;
-    posix_spawnattr_t attributes;
-    sigset_t none, all;
-    sigemptyset(&none);
+    sigset_t all, before;
     sigfillset(&all);
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_adddup2(&actions, out, 1);
-    posix_spawn_file_actions_adddup2(&actions, out, 2);
-    posix_spawnattr_init(&attributes);
-    /* A new session, no signal blocked, every signal as a fresh process has it. */
-    posix_spawnattr_setflags(&attributes,
-                             POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
-    posix_spawnattr_setsigmask(&attributes, &none);
-    posix_spawnattr_setsigdefault(&attributes, &all);
-    error = posix_spawn(pid, path, &actions, &attributes, argv, env);
-    posix_spawn_file_actions_destroy(&actions);
-    posix_spawnattr_destroy(&attributes);
-    return error;
+    sigprocmask(SIG_BLOCK, &all, &before); /* nothing runs a handler on the shared stack */
+    join_error = exec_error = 0;
+    pid_t child = vfork();
+    if (child == 0) {
+        for (int i = 0; i < cgroup_count; i++)
+            if (write(cgroups[i], "0", 1) != 1) {
+                join_error = errno;
+                _exit(127);
+            }
+        setsid();
+        int null = open("/dev/null", O_RDONLY);
+        if (null < 0 || dup2(null, 0) < 0 || dup2(out, 1) < 0 || dup2(out, 2) < 0) {
+            exec_error = errno;
+            _exit(127);
+        }
+        if (null > 2)
+            close(null);
+        struct sigaction standard;
+        memset(&standard, 0, sizeof standard);
+        standard.sa_handler = SIG_DFL;
+        for (int i = 0; i < ignored_count; i++)
+            sigaction(ignored[i], &standard, NULL);
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        execve(path, argv, env);
+        exec_error = errno;
+        _exit(127);
+    }
+    error = child < 0 ? errno : 0;
+    sigprocmask(SIG_SETMASK, &before, NULL);
+    if (error != 0)
+        return error;
+    if (join_error != 0 || exec_error != 0) {
+        waitpid(child, NULL, 0);
+        *joined = join_error == 0;
+        return join_error != 0 ? join_error : exec_error;
+    }
+    *pid = child;
+    return 0;
 }
 
-/* Spawn the request (fields: id, cwd, argc, argv..., env...) from inside the task's cgroups. */
+/* Spawn the request (fields: id, cwd, argc, argv..., env...) into the task's cgroups. */
 static void spawn(char **fields, size_t field_count, const int *fds, int fd_count) {
     const char *id = fields[0], *cwd = fields[1];
     char *end;
@@ -202,7 +236,7 @@ static void spawn(char **fields, size_t field_count, const int *fds, int fd_coun
         reply("%s error %d descriptors sent, %d expected", id, fd_count, 1 + home_count);
         return;
     }
-    /* NULL-terminated lists for posix_spawn: argv's end is env's start, so copied apart. */
+    /* NULL-terminated lists for execve: argv's end is env's start, so copied apart. */
     size_t env_count = field_count - 3 - argc;
     char **argv = calloc(argc + 1, sizeof *argv);
     char **env = calloc(env_count + 1, sizeof *env);
@@ -210,22 +244,18 @@ static void spawn(char **fields, size_t field_count, const int *fds, int fd_coun
         die("out of memory");
     memcpy(argv, fields + 3, argc * sizeof *argv);
     memcpy(env, fields + 3 + argc, env_count * sizeof *env);
-    if (join(fds + 1, fd_count - 1) < 0) {
-        int error = errno;
-        join_home(); /* a move that half happened is undone */
+    pid_t pid = -1;
+    int joined;
+    int error = start_task(cwd, argv, env, fds[0], fds + 1, fd_count - 1, &pid, &joined);
+    if (chdir("/") < 0)
+        die("chdir /");
+    if (!joined)
         reply("%s error cannot join the task's cgroup: %s", id, strerror(error));
-    } else {
-        pid_t pid = -1;
-        int error = start_task(cwd, argv, env, fds[0], &pid);
-        if (chdir("/") < 0)
-            die("chdir /");
-        join_home();
-        if (error != 0)
-            reply("%s failed %s: %s", id, argv[0], strerror(error));
-        else {
-            remember(pid, id);
-            reply("%s started %d", id, (int)pid);
-        }
+    else if (error != 0)
+        reply("%s failed %s: %s", id, argv[0], strerror(error));
+    else {
+        remember(pid, id);
+        reply("%s started %d", id, (int)pid);
     }
     free(argv);
     free(env);
@@ -396,6 +426,11 @@ int main(int argc, char **argv) {
         die("cannot set the rlimits");
     if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
         die("prctl(PR_SET_DUMPABLE)");
+    for (int number = 1; number < _NSIG; number++) {
+        struct sigaction now;
+        if (sigaction(number, NULL, &now) == 0 && now.sa_handler == SIG_IGN)
+            ignored[ignored_count++] = number;
+    }
     /* SIGCHLD is read from a signalfd; tasks get an empty mask (POSIX_SPAWN_SETSIGMASK). */
     sigset_t child_signal;
     sigemptyset(&child_signal);

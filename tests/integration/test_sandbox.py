@@ -7,6 +7,7 @@ import asyncio
 import logging
 import shutil
 import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -262,12 +263,20 @@ def test_bwrap_has_no_network_unless_asked(bwrap_runner: Runner, tmp_path: Path)
 
 
 @pytest.fixture
-def broken_bwrap(tmp_path: Path) -> str:
-    """A stand-in for a bwrap that refuses, as it does where user namespaces are off."""
-    fake = tmp_path / "bwrap"
-    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
-    fake.chmod(0o755)
-    return str(fake)
+def broken_bwrap() -> Iterator[str]:
+    """A stand-in for a bwrap that refuses, as it does where user namespaces are off; where the
+    task user may run it (pytest's tmp_path is root's alone), as a root agent runs bwrap."""
+    folder = Path(tempfile.mkdtemp(prefix="pm-broken-bwrap-"))
+    try:
+        folder.chmod(0o755)
+        fake = folder / "bwrap"
+        fake.write_text(
+            "#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n"
+        )
+        fake.chmod(0o755)
+        yield str(fake)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_bwrap_that_makes_no_sandbox_fails_to_start(broken_bwrap: str, tmp_path: Path) -> None:
@@ -278,7 +287,10 @@ def test_bwrap_that_makes_no_sandbox_fails_to_start(broken_bwrap: str, tmp_path:
 def test_default_runner_with_a_broken_bwrap(
     broken_bwrap: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(shutil, "which", lambda name: broken_bwrap)
+    found = shutil.which
+    monkeypatch.setattr(
+        shutil, "which", lambda name: broken_bwrap if name == "bwrap" else found(name)
+    )
     with pytest.raises(SandboxError, match=r"cannot make a sandbox here \(bwrap: No perm"):
         default_runner(allow_unsandboxed=False)
     assert default_runner(allow_unsandboxed=True).name == "none"

@@ -205,7 +205,7 @@ def test_tasks_of_a_job_share_one_warm_sandbox_each_in_its_own_directory(
 
 
 def test_a_new_job_takes_the_spare_sandbox_made_ahead_and_another_is_made(
-    jobs: Jobs, task_account: TaskUser
+    jobs: Jobs, task_account: TaskUser, caplog: pytest.LogCaptureFixture
 ) -> None:
     def ready_spare(runner: BwrapRunner) -> WarmSandbox | None:
         assert runner.warm is not None
@@ -251,8 +251,8 @@ def test_a_new_job_takes_the_spare_sandbox_made_ahead_and_another_is_made(
         assert outcome.exit_code == 0 and LAUNCHER_INSIDE not in output, output
         assert ready_spare(runner) is spare
 
-        # Its first task's cgroup was made ahead, without limits: the job's are set on it as
-        # the spare is taken (here a memory limit the task goes over).
+        # Its first task's cgroup was made ahead, limited as the last task was: the job's own
+        # are set on it as the spare is taken (here a lower memory limit the task goes over).
         assert spare is not None
         await until(lambda: spare.has_premade_cgroup, "the spare's task cgroup made ahead")
         hog = launch(
@@ -265,6 +265,24 @@ def test_a_new_job_takes_the_spare_sandbox_made_ahead_and_another_is_made(
         outcome, output = await run(runner, hog)
         assert outcome.reason is EndReason.OOM, (outcome, output)
         assert spare.jobdir == hog.workdir.parent and not spare.has_premade_cgroup
+
+        async def in_the_spare(job: str, mib: int, limit_mib: int) -> TaskOutcome:
+            spare = ready_spare(runner)
+            assert spare is not None
+            await until(lambda: spare.has_premade_cgroup, "the spare's task cgroup made ahead")
+            script = f"python3 -c 'x = bytearray({mib} * 2**20); print(len(x))'"
+            limits = Limits(memory=limit_mib * MIB, cpus=1)
+            task = launch(jobs, job, script, size=1, limits=limits)
+            outcome, output = await run(runner, task)
+            assert spare.jobdir == task.workdir.parent, output
+            return outcome
+
+        # A higher limit than the one it was made with is set too (memory and memory+swap, in
+        # the order the kernel takes: not a cgroup made anew instead)...
+        assert (await in_the_spare("job-e", 200, 300)).reason is EndReason.EXITED
+        assert "could not limit a cgroup made ahead" not in caplog.text
+        # ...and a cgroup made ahead with the very limits the next job has is limited.
+        assert (await in_the_spare("job-f", 400, 300)).reason is EndReason.OOM
 
     drive(jobs, task_account, WarmMode.AUTO, scenario)
 

@@ -51,8 +51,8 @@ class TaskCgroup(Protocol):
     def oom_killed(self) -> bool: ...
 
     def limit(self, limits: Limits) -> None:
-        """Set ``limits`` on an empty cgroup that has none yet (one made ahead). Raises
-        OSError."""
+        """Set ``limits`` on an empty cgroup (one made ahead): each limit given replaces the one
+        it had, if any. Raises OSError."""
         ...
 
     def kill(self) -> None:
@@ -160,6 +160,7 @@ class _Group:
     v2: bool
     memory_dir: Path | None = None  # where a memory limit was set
     usage_file: Path | None = None  # the memory it is charged for, when memory is counted
+    memory_limited: bool = False  # set once already: setting another may raise it
 
     def procs_files(self) -> list[Path]:
         return [d / "cgroup.procs" for d in self.dirs]
@@ -171,10 +172,14 @@ class _Group:
         for controller, d in zip(self.controllers, self.dirs, strict=True):
             if controller == "memory" and limits.memory is not None:
                 self.memory_dir = d
-                _write(d / "memory.limit_in_bytes", str(limits.memory))
                 swap = d / "memory.memsw.limit_in_bytes"
-                if swap.exists():  # no swap: over its memory a task is killed, not slowed
+                with_swap = swap.exists()
+                if with_swap and self.memory_limited:  # memory may not exceed memory+swap
+                    _write(swap, "-1")
+                _write(d / "memory.limit_in_bytes", str(limits.memory))
+                if with_swap:  # no swap: over its memory a task is killed, not slowed
                     _write(swap, str(limits.memory))
+                self.memory_limited = True
             elif controller == "cpu" and limits.cpus is not None:
                 _write(d / "cpu.cfs_period_us", str(CFS_PERIOD_US))
                 _write(d / "cpu.cfs_quota_us", str(max(1000, int(limits.cpus * CFS_PERIOD_US))))

@@ -126,7 +126,8 @@ class WarmSandbox:
         self._starts: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._exits: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._spare_cgroups: dict[Limits, list[TaskCgroup]] = {}
-        self._premade: TaskCgroup | None = None  # a spare's first task's, without limits yet
+        self._premade: TaskCgroup | None = None  # a spare's first task's, made ahead
+        self._premade_limits: Limits | None = None  # what it is limited to, if anything
         self._ids = itertools.count(1)
         self.active = 0  # tasks starting or running in it
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -261,13 +262,15 @@ class WarmSandbox:
     def has_premade_cgroup(self) -> bool:
         return self._premade is not None
 
-    def premake_cgroup(self) -> None:
-        """Make the cgroup of this (spare) sandbox's first task now, its limits set once they
-        are known: making one (a folder in each of three hierarchies on v1) is ~0.5 ms of a
-        new job's start."""
+    def premake_cgroup(self, likely: Limits | None = None) -> None:
+        """Make the cgroup of this (spare) sandbox's first task now: making one (a folder in
+        each of three hierarchies on v1) is ~0.5 ms of a new job's start. With ``likely``
+        limits (the last task's: jobs come alike) set too, ~0.35 ms more when they match; set
+        again when the task is known if they do not."""
         if self._premade is None and not self.closed:
             with contextlib.suppress(OSError):
-                self._premade = self._cgroups.create(Limits(pids=None))
+                self._premade = self._cgroups.create(likely or Limits(pids=None))
+                self._premade_limits = likely
 
     def _task_cgroup(self, limits: Limits) -> TaskCgroup:
         """A cgroup for a task with ``limits``: one a finished task of this sandbox left clean,
@@ -276,13 +279,20 @@ class WarmSandbox:
         if spare:
             return spare.pop()
         premade, self._premade = self._premade, None
-        if premade is not None:
+        made_for, self._premade_limits = self._premade_limits, None
+        if premade is not None and limits == made_for:
+            return premade
+        # Limited ahead to others, it takes these only if each is given: none to lift.
+        if premade is not None and (
+            made_for is None or None not in (limits.memory, limits.cpus, limits.pids)
+        ):
             try:
                 premade.limit(limits)
                 return premade
             except OSError as error:
                 log.warning("could not limit a cgroup made ahead (%s); making another", error)
-                premade.remove()
+        if premade is not None:
+            premade.remove()
         try:
             group = self._cgroups.create(limits)
         except OSError as error:

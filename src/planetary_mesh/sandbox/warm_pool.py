@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from planetary_mesh.sandbox.bwrap_spawn import CgroupReaper
-from planetary_mesh.sandbox.limits import CgroupBackend
+from planetary_mesh.sandbox.limits import CgroupBackend, Limits
 from planetary_mesh.sandbox.runner import OutputSink, RunningTask, TaskLaunch
 from planetary_mesh.sandbox.warm import WarmMode, WarmSandbox, WarmUnavailable
 
@@ -70,6 +70,7 @@ class WarmPool:
         self._spare_ids = itertools.count(1)
         self._reaper = CgroupReaper()
         self._root: Path | None = None  # where the agent keeps jobs' folders, and spares'
+        self._likely_limits: Limits | None = None  # a spare's first task cgroup is limited so
         self._closed = False
         self._spares_timer: asyncio.TimerHandle | None = None
         self._spares_wanted_since: float | None = None
@@ -92,6 +93,8 @@ class WarmPool:
             return None
         jobdir = launch.workdir.parent
         key = (launch.share, launch.network, jobdir, launch.ro_binds)
+        if launch.limits is not None:
+            self._likely_limits = launch.limits  # the next job's are most often the same
         sandbox = self._sandboxes.get(key)
         if sandbox is None:
             self._make_room()
@@ -190,7 +193,7 @@ class WarmPool:
             return
         for spare in self._spares:
             if spare.ready:
-                spare.premake_cgroup()
+                spare.premake_cgroup(self._likely_limits)
         if any(not s.ready for s in self._spares):
             return  # one is being made; the next is made once it is ready
         if len(self._spares) >= SPARES:

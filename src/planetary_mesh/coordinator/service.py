@@ -874,7 +874,7 @@ class CoordinatorService:
             spec = self.store.job_spec(job_id)
             files = self.store.job_files(job_id)
             jobs[job_id] = {
-                **asdict(spec),
+                **spec.to_dict(),
                 "files": {n: base64.b64encode(d).decode() for n, d in files.items()},
             }
             session.known_jobs.add(job_id)

@@ -5,7 +5,8 @@ Frozen dataclasses only; the store, the service and the API translate to and fro
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from planetary_mesh.core.states import AttemptState, JobState, NodeState, TaskState
 
@@ -27,6 +28,14 @@ class JobSpec:
     network: bool = False
     python: str | None = None  # a job of Python function calls: the major.minor they need
     gpus: int = 0  # whole GPUs each task holds while it runs
+
+    def to_dict(self) -> dict[str, Any]:
+        """Its fields by name, for JSON: what ``dataclasses.asdict`` gives, without its deep
+        copy (~30 us, twice per job on the coordinator's hot path); ``env`` is not copied."""
+        return {f.name: getattr(self, f.name) for f in _SPEC_FIELDS}
+
+
+_SPEC_FIELDS = fields(JobSpec)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import json
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from planetary_mesh.core.liveness import retry_backoff
@@ -360,7 +360,7 @@ class SQLiteStore(CallRecords, StoreReads):
         calls: Sequence[bytes] = (),
     ) -> None:
         """A new job and its tasks; a function job's ``calls`` (one per task) with them."""
-        spec_json = json.dumps(asdict(spec))
+        spec_json = json.dumps(spec.to_dict())
         with self._tx() as db:
             cursor = db.execute(
                 "INSERT INTO jobs (id, name, owner, priority, cpus, memory, count, spec,"

@@ -414,8 +414,8 @@ def test_an_idle_warm_sandbox_closes_and_leaves_nothing_behind(
         launcher = psutil.Process(sandbox.launcher_pid)
         await until(lambda: not sandboxes(runner), "the idle sandbox to close")
         await until(lambda: not launcher.is_running(), "the launcher to die")
-        # The launcher's and the task's cgroups are all removed: what is left is the spare
-        # sandboxes' launchers', and their first tasks' made ahead (empty), for the next jobs.
+        # What is left is the spare sandboxes' launchers' cgroups, their first tasks' made
+        # ahead, and the closed sandbox's own and its task's, empty, kept for the next ones.
         pool = runner.warm
         assert pool is not None
         await until(
@@ -430,12 +430,26 @@ def test_an_idle_warm_sandbox_closes_and_leaves_nothing_behind(
         holding = [d for d in left if launchers & set((d / "cgroup.procs").read_text().split())]
         made_ahead = [d for d in left if not (d / "cgroup.procs").read_text().split()]
         assert holding and sorted(holding + made_ahead) == left, left
-        assert len(made_ahead) == len(holding), left  # one of each per spare and hierarchy
-        # A later task of the job gets a new one.
-        outcome, _ = await run(runner, launch(jobs, "job", "true"))
+        assert runner.cgroups is not None
+        hierarchies = len(runner.cgroups.controllers)
+        free = pool.free_cgroups()
+        assert free and len(holding) == SPARES * hierarchies, left
+        assert len(made_ahead) == (SPARES + len(free)) * hierarchies, left
+        # A later task of the job gets a new one. Cgroups are kept for other jobs: a task sees
+        # no host path of its cgroups (a cgroup namespace of its own), and no /sys/fs/cgroup.
+        kept = len(free)
+        outcome, output = await run(
+            runner, launch(jobs, "job", "cat /proc/self/cgroup; ls /sys/fs/cgroup 2>&1 || :")
+        )
         assert outcome.exit_code == 0 and len(sandboxes(runner)) == 1
+        *cgroups, listing = output.splitlines()
+        assert cgroups and not any("planetary-mesh" in line for line in cgroups), output
+        assert "No such file" in listing, output
+        # The spare made for the next jobs takes a kept cgroup rather than making one.
+        await until(lambda: len(pool.free_cgroups()) < kept, "a kept cgroup to be taken")
 
     drive(jobs, task_account, WarmMode.ALWAYS, scenario, idle_s=0.3)
+    assert jobs.runners and not any(cgroup_dirs(runner) for runner in jobs.runners)
 
 
 def test_closing_the_runner_kills_warm_sandboxes_and_their_tasks(

@@ -278,18 +278,21 @@ class CgroupReaper:
     rest."""
 
     def __init__(self) -> None:
-        self._dying: list[tuple[TaskCgroup, float]] = []  # and when to give up: remove it
+        # Each with when to give up (remove it) and what to do with it once empty, if not
+        # remove it.
+        self._dying: list[tuple[TaskCgroup, float, Reuse | None]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._finished = False
 
-    def abandon(self, group: TaskCgroup) -> None:
+    def abandon(self, group: TaskCgroup, reuse: Reuse | None = None) -> None:
+        """Kill what is in ``group``; once it is empty, remove it, or hand it to ``reuse``."""
         if self._finished:  # shutting down: no event loop turns left to count on
             abandon(group)
             return
         group.kill()
-        if group.empty() and group.remove():
+        if group.empty() and _emptied(group, reuse):
             return
-        self._dying.append((group, time.monotonic() + ABANDON_TIMEOUT_S))
+        self._dying.append((group, time.monotonic() + ABANDON_TIMEOUT_S, reuse))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(CGROUP_POLL_S, self._poll)
 
@@ -297,14 +300,14 @@ class CgroupReaper:
         self._timer = None
         now = time.monotonic()
         dying, self._dying = self._dying, []
-        for group, deadline in dying:
-            if group.empty() and group.remove():
+        for group, deadline, reuse in dying:
+            if group.empty() and _emptied(group, reuse):
                 continue
             if now > deadline:
                 group.remove()  # a last try; what stays is the sweep's at the agent's exit
                 continue
             group.kill()
-            self._dying.append((group, deadline))
+            self._dying.append((group, deadline, reuse))
         if self._dying:
             self._timer = asyncio.get_running_loop().call_later(CGROUP_POLL_S, self._poll)
 
@@ -313,9 +316,20 @@ class CgroupReaper:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for group, _ in self._dying:
+        for group, _, _ in self._dying:
             abandon(group)
         self._dying.clear()
+
+
+Reuse = Callable[[TaskCgroup], None]
+
+
+def _emptied(group: TaskCgroup, reuse: Reuse | None) -> bool:
+    """Done with an empty cgroup: removed (False while it is still busy), or reused."""
+    if reuse is None:
+        return group.remove()
+    reuse(group)
+    return True
 
 
 def hand_over(workdir: Path, user: TaskUser) -> None:

@@ -107,6 +107,7 @@ class WarmSandbox:
         on_closed: Callable[[WarmSandbox], None],
         reaper: CgroupReaper,
         background: bool = False,
+        free_cgroups: dict[Limits, list[TaskCgroup]] | None = None,
     ) -> None:
         self.jobdir = jobdir
         self.background = background  # made at SPARE_NICE until ready or hurried
@@ -125,7 +126,9 @@ class WarmSandbox:
         self._control: socket.socket | None = None
         self._starts: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._exits: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._spare_cgroups: dict[Limits, list[TaskCgroup]] = {}
+        # Clean, empty cgroups by their limits, shared by the pool's sandboxes: a task's, or a
+        # closed sandbox's own, is the next one's (see give_back).
+        self._spare_cgroups = {} if free_cgroups is None else free_cgroups
         self._premade: TaskCgroup | None = None  # a spare's first task's, made ahead
         self._premade_limits: Limits | None = None  # what it is limited to, if anything
         self._ids = itertools.count(1)
@@ -137,7 +140,9 @@ class WarmSandbox:
     async def start(self) -> None:
         """Make the sandbox and wait for its launcher's hello. Raises SandboxError."""
         try:
-            self._group = self._cgroups.create(LAUNCHER_LIMITS)
+            self._group = self._take_cgroup(LAUNCHER_LIMITS) or self._cgroups.create(
+                LAUNCHER_LIMITS
+            )
         except OSError as error:
             raise SandboxError(f"cannot make the warm sandbox's cgroup: {error}") from error
         if self._group is None:
@@ -268,16 +273,17 @@ class WarmSandbox:
         limits (the last task's: jobs come alike) set too, ~0.35 ms more when they match; set
         again when the task is known if they do not."""
         if self._premade is None and not self.closed:
+            limits = likely or Limits(pids=None)
             with contextlib.suppress(OSError):
-                self._premade = self._cgroups.create(likely or Limits(pids=None))
+                self._premade = self._take_cgroup(limits) or self._cgroups.create(limits)
                 self._premade_limits = likely
 
     def _task_cgroup(self, limits: Limits) -> TaskCgroup:
         """A cgroup for a task with ``limits``: one a finished task of this sandbox left clean,
         the one made ahead, or a new one."""
-        spare = self._spare_cgroups.get(limits)
-        if spare:
-            return spare.pop()
+        spare = self._take_cgroup(limits)
+        if spare is not None:
+            return spare
         premade, self._premade = self._premade, None
         made_for, self._premade_limits = self._premade_limits, None
         if premade is not None and limits == made_for:
@@ -301,12 +307,19 @@ class WarmSandbox:
             raise WarmUnavailable("no cgroup for the task")
         return group
 
-    def give_back(self, group: TaskCgroup, limits: Limits, oom_killed: bool | None) -> None:
-        """A finished task's cgroup, empty: kept for the next task with the same limits when
-        nothing of the last one stays charged to it, removed otherwise. Making and removing a
-        cgroup (in three hierarchies on v1) costs more than starting the task itself."""
+    def _take_cgroup(self, limits: Limits) -> TaskCgroup | None:
+        spare = self._spare_cgroups.get(limits)
+        return spare.pop() if spare else None
+
+    def give_back(self, group: TaskCgroup, limits: Limits, oom_killed: bool | None = None) -> None:
+        """A cgroup done with, empty (a finished task's, or a closed sandbox's own): kept for
+        the next task or sandbox with the same limits, of any job, when nothing was OOM-killed
+        in it and nothing of its last user stays charged to it; removed otherwise. Making and
+        removing one (in three hierarchies on v1: six mkdir and rmdir, and its limits) costs
+        more than starting a task. What a cgroup keeps (counters) no task can see: a sandbox
+        has a cgroup namespace of its own and no /sys/fs/cgroup."""
         spare = self._spare_cgroups.setdefault(limits, [])
-        if self.closed or len(spare) >= MAX_SPARE_CGROUPS or not group.reusable(oom_killed):
+        if len(spare) >= MAX_SPARE_CGROUPS or not group.reusable(oom_killed):
             group.remove()
         else:
             spare.append(group)
@@ -379,12 +392,8 @@ class WarmSandbox:
                 waiter.set_result({"lost": True})
         self._starts.clear()
         self._exits.clear()
-        for spare in self._spare_cgroups.values():
-            for group in spare:
-                group.remove()
-        self._spare_cgroups.clear()
         if self._premade is not None:
-            self._premade.remove()
+            self.give_back(self._premade, self._premade_limits or Limits(pids=None))
             self._premade = None
         if self._control is not None:
             with contextlib.suppress(ValueError, RuntimeError):
@@ -400,7 +409,10 @@ class WarmSandbox:
         close_fd(self._launcher_pidfd)
         self._launcher_pidfd = None
         if self._group is not None:
-            self._reaper.abandon(self._group)  # the launcher and bwrap: dead within ms
+            # The launcher and bwrap are dead within ms; their cgroup is then the next's.
+            self._reaper.abandon(
+                self._group, functools.partial(self.give_back, limits=LAUNCHER_LIMITS)
+            )
         self._on_closed(self)
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from planetary_mesh.sandbox.bwrap_spawn import CgroupReaper
-from planetary_mesh.sandbox.limits import CgroupBackend, Limits
+from planetary_mesh.sandbox.limits import CgroupBackend, Limits, TaskCgroup
 from planetary_mesh.sandbox.runner import OutputSink, RunningTask, TaskLaunch
 from planetary_mesh.sandbox.warm import WarmMode, WarmSandbox, WarmUnavailable
 
@@ -71,6 +71,7 @@ class WarmPool:
         self._reaper = CgroupReaper()
         self._root: Path | None = None  # where the agent keeps jobs' folders, and spares'
         self._likely_limits: Limits | None = None  # a spare's first task cgroup is limited so
+        self._free_cgroups: dict[Limits, list[TaskCgroup]] = {}  # see WarmSandbox.give_back
         self._closed = False
         self._spares_timer: asyncio.TimerHandle | None = None
         self._spares_wanted_since: float | None = None
@@ -78,6 +79,10 @@ class WarmPool:
     def sandboxes(self) -> list[WarmSandbox]:
         """The jobs' sandboxes (not the spare)."""
         return list(self._sandboxes.values())
+
+    def free_cgroups(self) -> list[TaskCgroup]:
+        """Clean, empty cgroups kept for the next tasks and sandboxes (WarmSandbox.give_back)."""
+        return [group for free in self._free_cgroups.values() for group in free]
 
     def spares(self) -> list[WarmSandbox]:
         """The spare sandboxes, ready or being made."""
@@ -155,6 +160,7 @@ class WarmPool:
             self._forget,
             self._reaper,
             background,
+            self._free_cgroups,
         )
         sandbox.on_task_done = self._want_spares
         sandbox.starting = asyncio.create_task(self._start(sandbox))
@@ -294,3 +300,7 @@ class WarmPool:
         for spare in list(self._spares):
             spare.close()
         self._reaper.finish()
+        for free in self._free_cgroups.values():
+            for group in free:
+                group.remove()
+        self._free_cgroups.clear()

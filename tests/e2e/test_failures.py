@@ -163,7 +163,7 @@ def test_running_tasks_are_adopted_after_a_coordinator_kill9(tmp_path: Path) -> 
             job = client.submit(JobSubmit(argv=_sleeper(15, marker), count=2))
             wait_for(lambda: len(_running_on(client, job.id)) == 2, 30, "both tasks running")
             wait_for(lambda: len(processes_with(marker)) >= 2, 10, "their processes")
-            pids = {p.pid for p in processes_with(marker)}
+            seen = {p.pid: (p.ppid(), p.info["cmdline"]) for p in processes_with(marker)}
             mesh.kill_coordinator()
             mesh.start_coordinator()
             with mesh.client() as again:
@@ -171,7 +171,8 @@ def test_running_tasks_are_adopted_after_a_coordinator_kill9(tmp_path: Path) -> 
                     lambda: sum(n.state == "ready" for n in again.nodes()) == 2, 30, "reconnect"
                 )
                 # Adopted, not restarted: the very same processes are still running.
-                assert all(psutil.pid_exists(p) for p in pids)
+                gone = {pid: seen[pid] for pid in seen if not psutil.pid_exists(pid)}
+                assert not gone, f"gone: {gone}, all seen: {seen}"
                 final = wait_job(again, job.id)
                 _one_success_each(final)
                 for task in final.task_list or []:

@@ -47,6 +47,22 @@ log = logging.getLogger(__name__)
 
 TaskRef = tuple[int, int, int]  # (task_id, attempt, epoch)
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 5.0
+
+
+def reconnect_wait(backoff: float, lease_left: float | None) -> float:
+    """How long to wait before the next try at a session.
+
+    `backoff` doubles with each failure; `lease_left` is how long this node's running tasks
+    may still go on without word from the coordinator (None: none are running). A coordinator
+    that restarts takes a second or more on a busy machine, and plain backoff can then sleep
+    past the lease and kill tasks the coordinator would have adopted: so while tasks hang on
+    the lease, the next try comes within half of what is left of it.
+    """
+    if lease_left is None or lease_left <= 0:
+        return backoff
+    return min(backoff, max(RECONNECT_MIN, lease_left / 2))
+
+
 RENEW_RETRY_MAX = 30.0  # seconds between tries to renew the node certificate
 DEFAULT_TASK_DISK = 4 * 1024**3  # what one task's work directory may take on the host's disk
 DEFAULT_TASK_LOG = 64 * 1024**2  # output of one attempt kept and sent; the rest is dropped
@@ -259,8 +275,9 @@ class Agent:
                 except TrustError:
                     raise
                 except (TimeoutError, OSError, websockets.WebSocketException) as exc:
+                    wait = reconnect_wait(delay, self._lease_left())
                     log.warning(
-                        "no session with the coordinator (%s); retrying in %.1fs", exc, delay
+                        "no session with the coordinator (%s); retrying in %.1fs", exc, wait
                     )
                 failed = 0 if self._opened != opened else failed + 1
                 # Found by mDNS once: look again, beside the retries, in case it moved.
@@ -268,7 +285,8 @@ class Agent:
                 if failed >= REDISCOVER_AFTER and self.server_name is not None and idle:
                     looking = asyncio.create_task(self._rediscover())
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
+                    wait = reconnect_wait(delay, self._lease_left())
+                    await asyncio.wait_for(self._stopping.wait(), wait)
                 delay = min(delay * 2, RECONNECT_MAX)
         finally:
             watchdog.cancel()
@@ -298,6 +316,12 @@ class Agent:
         state = read_toml(self.paths.state) if self.paths.state.exists() else {}
         write_toml(self.paths.state, {**state, "coordinator": self.base})
         log.warning("the coordinator moved: found it at %s by mDNS; reconnecting there", self.base)
+
+    def _lease_left(self) -> float | None:
+        """What is left of the lease while tasks are running on it; None when none are."""
+        if not any(t is not None for t in self.running.values()):
+            return None
+        return self.lease - (time.monotonic() - self.last_renewed)
 
     def _lease_holds(self) -> bool:
         return time.monotonic() - self.last_renewed <= self.lease

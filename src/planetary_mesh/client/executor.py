@@ -92,6 +92,9 @@ class _Engine:
         self.own_client = own_client
         self.lock = threading.Condition()
         self.queue: list[_Queued] = []
+        # Taken from the queue and on their way: not in a job's futures until the mesh has
+        # given them their indices, yet as outstanding as the rest (a shutdown cancels them).
+        self.sending: list[_Queued] = []
         self.to_cancel: list[tuple[_Job, int]] = []
         self.jobs: dict[CallOptions, _Job] = {}
         self.where: dict[Future[Any], tuple[_Job, int]] = {}
@@ -119,8 +122,11 @@ class _Engine:
                 if not self.queue and not self.to_cancel:
                     return  # shutting down, nothing left to send
                 batch, self.queue = self.queue, []
+                self.sending = batch
                 cancels, self.to_cancel = self.to_cancel, []
             self._send(batch)
+            with self.lock:
+                self.sending = []
             self._send_cancels(cancels)
 
     def _send(self, batch: list[_Queued]) -> None:
@@ -257,10 +263,10 @@ class _Engine:
 
     def outstanding(self) -> list[Future[Any]]:
         with self.lock:
-            pending = [item.future for item in self.queue]
+            pending = {item.future: None for item in [*self.queue, *self.sending]}
             for job in self.jobs.values():
-                pending.extend(job.futures.values())
-        return pending
+                pending.update(dict.fromkeys(job.futures.values()))
+        return list(pending)
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         if cancel_futures:

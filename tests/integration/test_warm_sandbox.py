@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -332,9 +333,12 @@ def test_a_warm_task_keeps_its_own_cgroup_limits_and_exit_status(
         # As a fresh process: a session of its own, stdin /dev/null, no signal blocked or
         # ignored (but by the Python launcher: glibc's posix_spawn leaves its own two, 32 and
         # 33, ignored, and Python cannot name them to set them back).
+        # The signals are read by the task's own process after an exec (which keeps what is
+        # blocked or ignored): read from its shell's child, they raced with dash, which
+        # blocks every signal around each fork.
         state = (
             "cut -d' ' -f6 /proc/$$/stat; echo $$; readlink /proc/$$/fd/0;"
-            " grep -E '^Sig(Blk|Ign)' /proc/$$/status"
+            " exec grep -E '^Sig(Blk|Ign)' /proc/self/status"
         )
         outcome, output = await run(runner, launch(jobs, "job", state))
         session, shell, stdin, blocked, ignored = output.splitlines()
@@ -356,7 +360,12 @@ def test_a_warm_task_keeps_its_own_cgroup_limits_and_exit_status(
             await run(runner, missing)
         assert sandboxes(runner) == [sandbox] and sandbox.ready  # none of it hurt the sandbox
 
-    drive(jobs, task_account, WarmMode.ALWAYS, scenario, native=native)
+    # As under `nohup`: the launcher inherits SIGHUP ignored, and no task may.
+    hangup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        drive(jobs, task_account, WarmMode.ALWAYS, scenario, native=native)
+    finally:
+        signal.signal(signal.SIGHUP, hangup)
 
 
 @BOTH_LAUNCHERS

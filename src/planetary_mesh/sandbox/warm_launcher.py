@@ -55,9 +55,12 @@ if TYPE_CHECKING:
     from typing import Any
 
 _PR_SET_DUMPABLE = 4
-# What a task starts with: the signals Python ignores or handles set back to their defaults,
-# and none blocked.
-_DEFAULT_SIGNALS = (_signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGINT, _signal.SIGCHLD)
+# What a task starts with: every signal at its default, and none blocked. Not only those
+# Python ignores or handles: an agent started under `nohup` (SIGHUP) or from a shell's
+# background (SIGINT, SIGQUIT) passes SIG_IGN down through every exec.
+_DEFAULT_SIGNALS = tuple(
+    s for s in _signal.valid_signals() if s not in (_signal.SIGKILL, _signal.SIGSTOP)
+)
 _MAX_FDS = 16  # the output pipe and a cgroup.procs per hierarchy
 _FD_BYTES = 4  # a C int, as SCM_RIGHTS carries descriptors
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import signal
 import tempfile
 import time
 import uuid
@@ -171,6 +172,25 @@ def test_rlimits_inside(host: Host, workdir: Path) -> None:
     assert outcome.exit_code == 0, output
     assert output.split() == ["0", str(OPEN_FILES_LIMIT)]
     assert OPEN_FILES_LIMIT == 4096
+
+
+def test_a_fresh_task_starts_with_every_signal_at_its_default(host: Host, workdir: Path) -> None:
+    # As under `nohup`: the agent has SIGHUP ignored (ignored survives fork and exec), and no
+    # task may inherit that. Read by the task's own process after an exec: from a child of its
+    # shell it would race with dash, which blocks every signal around each fork.
+    script = "cat /proc/1/cmdline; echo; exec grep -E '^Sig(Blk|Ign)' /proc/self/status"
+    script += f" # {host.mark}"
+    hangup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        outcome, output = run(host, ["sh", "-c", script], workdir, Limits())
+    finally:
+        signal.signal(signal.SIGHUP, hangup)
+    assert outcome.exit_code == 0, output
+    init, blocked, ignored = output.splitlines()
+    # A fresh sandbox (its PID 1 is bwrap), not a warm one's launcher.
+    assert init.split("\0")[0].endswith("/bwrap"), output
+    assert blocked.split() == ["SigBlk:", "0" * 16], output
+    assert ignored.split() == ["SigIgn:", "0" * 16], output
 
 
 MEMORY_BOMB = (

@@ -74,12 +74,14 @@ async def spawn_bwrap(
 
     def enter_limits() -> None:
         # In the child, before it execs: join the task's cgroup (so all it starts is
-        # counted there from the first instruction) and take the rlimits.
+        # counted there from the first instruction), take the rlimits, and set every signal
+        # to its default (as the C launcher's helper does).
         pid = str(os.getpid())
         for path in procs:
             with open(path, "w") as handle:
                 handle.write(pid)
         set_rlimits()
+        reset_signals()
 
     status_read, status_write = os.pipe()
     output_read, output_write = os.pipe()
@@ -255,6 +257,21 @@ class StatusPipe(asyncio.Protocol):
             self.sandbox.set_result(None)
         if not self.closed.done():
             self.closed.set_result(None)
+
+
+_CATCHABLE_SIGNALS = tuple(
+    number for number in signal.valid_signals() if number not in (signal.SIGKILL, signal.SIGSTOP)
+)
+
+
+def reset_signals() -> None:
+    """Every signal to its default and none blocked, in a child about to exec bwrap: bwrap
+    passes on the dispositions it gets, and an agent under ``nohup`` has SIGHUP ignored
+    (ignored survives exec), which no task may inherit."""
+    for number in _CATCHABLE_SIGNALS:
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(number, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
 def abandon(group: TaskCgroup) -> None:

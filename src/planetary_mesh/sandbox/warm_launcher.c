@@ -359,8 +359,8 @@ static int become(const char *spec) {
 
 /* launcher --join FD... [--rlimits SPEC] [--user UID:GID] -- COMMAND...: the agent's helper on
  * the host, not the launcher. It moves itself into the cgroups whose cgroup.procs are open on
- * the FDs, takes the rlimits, becomes the task user, then execs COMMAND (bwrap): everything
- * bwrap forks is born in the sandbox's cgroup, where a kill, or the sweep after a crashed agent,
+ * the FDs, takes the rlimits, becomes the task user, sets every signal to its default, then
+ * execs COMMAND (bwrap): everything bwrap forks is born in the sandbox's cgroup, where a kill, or the sweep after a crashed agent,
  * reaches it. Moved in by the agent after the spawn, bwrap could fork first, and a first child
  * left outside was seen waiting for ever once bwrap died; done in the agent's own fork, between
  * fork and exec, it cost a fork of the whole agent (10-30 ms of its event loop) where this is a
@@ -398,6 +398,18 @@ static int join_then_exec(int argc, char **argv) {
                 strerror(errno));
         return 126;
     }
+    /* bwrap passes on the dispositions it gets, and an agent under nohup has SIGHUP ignored
+     * (ignored survives exec): the sandbox starts with every signal at its default and none
+     * blocked, as a fresh process has them. */
+    struct sigaction standard;
+    memset(&standard, 0, sizeof standard);
+    standard.sa_handler = SIG_DFL;
+    for (int number = 1; number < _NSIG; number++)
+        if (number != SIGKILL && number != SIGSTOP)
+            sigaction(number, &standard, NULL);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
     execvp(argv[i + 1], argv + i + 1);
     fprintf(stderr, "planetary-mesh launcher: cannot run %s: %s\n", argv[i + 1], strerror(errno));
     return 127;

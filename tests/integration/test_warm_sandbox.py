@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import shutil
 import signal
 import subprocess
@@ -40,7 +41,7 @@ from planetary_mesh.sandbox.limits import CGROUP_ROOT, Limits, detect_cgroups, o
 from planetary_mesh.sandbox.runner import EndReason, RunningTask, TaskLaunch, TaskOutcome
 from planetary_mesh.sandbox.user import TaskUser
 from planetary_mesh.sandbox.warm import WarmMode, WarmSandbox
-from planetary_mesh.sandbox.warm_pool import SPARES
+from planetary_mesh.sandbox.warm_pool import PREMADE_WORKDIR, SPARES
 
 MIB = 2**20
 # The tests of the launcher's own work run with both: the C one the agent compiles, and the
@@ -284,6 +285,68 @@ def test_a_new_job_takes_the_spare_sandbox_made_ahead_and_another_is_made(
         assert "could not limit a cgroup made ahead" not in caplog.text
         # ...and a cgroup made ahead with the very limits the next job has is limited.
         assert (await in_the_spare("job-f", 400, 300)).reason is EndReason.OOM
+
+    drive(jobs, task_account, WarmMode.AUTO, scenario)
+
+
+def test_a_new_jobs_first_work_directory_is_the_one_made_ahead_in_a_spare(
+    jobs: Jobs, task_account: TaskUser
+) -> None:
+    async def scenario(runner: BwrapRunner) -> None:
+        pool = runner.warm
+        assert pool is not None
+        outcome, output = await run(runner, launch(jobs, "job-a", "true", size=1))
+        assert outcome.exit_code == 0, output
+        await until(lambda: [s.ready for s in pool.spares()] == [True] * SPARES, "spares")
+        spare = pool.spares()[0]
+        premade = spare.jobdir / PREMADE_WORKDIR
+        assert premade.is_dir()
+
+        # As the agent does: the launch first, then its directory (the job's folder is not
+        # there yet), then the inputs, then the start.
+        workdir = jobs.root / "job-b" / "0-1"
+        script = f"pwd; cat input; tr '\\0' ' ' < /proc/1/cmdline # {jobs.mark}"
+        first = TaskLaunch(
+            ("sh", "-c", script), {}, workdir, 20, limits=Limits(memory=256 * MIB),
+            share="job-b", share_size=2,
+        )  # fmt: skip
+        runner.make_workdir(first)
+        assert spare.jobdir == workdir.parent and not premade.exists()  # renamed into place
+        assert os.listdir(workdir.parent) == ["0-1"]
+        assert spare not in pool.spares() and sandboxes(runner) == [spare]
+        assert (workdir.stat().st_mode & 0o777, workdir.parent.stat().st_mode & 0o777) == (
+            0o700,
+            0o711,
+        )
+        (workdir / "input").write_text("from the agent\n")
+        chunks: list[bytes] = []
+        outcome = await (await runner.start(first, chunks.append)).wait()
+        output = b"".join(chunks).decode()
+        assert outcome.exit_code == 0, output
+        cwd, given, init = output.splitlines()
+        assert (cwd, given) == ("/work/0-1", "from the agent"), output
+        assert LAUNCHER_INSIDE in init  # in the spare, not a fresh sandbox
+
+        # The job's next task here: its folder is there, only its directory is made.
+        second = TaskLaunch(("true",), {}, workdir.parent / "1-1", 20, share="job-b", share_size=2)
+        runner.make_workdir(second)
+        assert second.workdir.is_dir() and sandboxes(runner) == [spare]
+
+        # A job that needs network does not fit a spare: plain directories, spares kept.
+        networked = TaskLaunch(
+            ("true",), {}, jobs.root / "job-c" / "0-1", 20, network=True, share="job-c"
+        )
+        spares = pool.spares()
+        runner.make_workdir(networked)
+        assert networked.workdir.is_dir() and pool.spares() == spares
+
+        # A spare taken the other way (the task's directory made before it, as a caller
+        # without make_workdir does) shows no trace of the directory made ahead.
+        await until(lambda: [s.ready for s in pool.spares()] == [True] * SPARES, "spares")
+        taken = launch(jobs, "job-d", "true", size=1)
+        outcome, output = await run(runner, taken)
+        assert outcome.exit_code == 0, output
+        assert os.listdir(taken.workdir.parent) == [taken.workdir.name]
 
     drive(jobs, task_account, WarmMode.AUTO, scenario)
 

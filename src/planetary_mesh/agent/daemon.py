@@ -625,11 +625,6 @@ class Agent:
                     job.call_job(job_id), payload, on_output, devices
                 )
                 return await self._watch(ref, running), running.result
-            # The task user may pass through (not list) the folder above its own directory.
-            workdir.parent.mkdir(mode=0o711, exist_ok=True)
-            workdir.mkdir(mode=0o700, exist_ok=True)
-            for name, data in job.files.items():
-                (workdir / name).write_bytes(data)
             env = {
                 **job.env,
                 **gpu_environment(devices),
@@ -650,6 +645,9 @@ class Agent:
                 share_size=job.count,
                 devices=gpu_device_files(devices),
             )
+            self.runner.make_workdir(launch)
+            for name, data in job.files.items():
+                (workdir / name).write_bytes(data)
             running = await self.runner.start(launch, on_output)
             return await self._watch(ref, running), None
         except (MeshError, OSError) as exc:

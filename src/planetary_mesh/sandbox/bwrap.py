@@ -57,6 +57,7 @@ from planetary_mesh.sandbox.runner import (
     RunningTask,
     TaskLaunch,
     TaskOutcome,
+    make_workdir,
 )
 from planetary_mesh.sandbox.scratch import make_scratch
 from planetary_mesh.sandbox.user import TaskUser
@@ -216,6 +217,12 @@ class BwrapRunner:
         argv += _read_only_binds(ro_binds)
         argv += [*self._READ_ONLY, "--clearenv", "--", *self.launcher.argv]
         return [*argv, str(launcher_fds[0]), _RLIMITS_SPEC, *map(str, launcher_fds[1:])]
+
+    def make_workdir(self, launch: TaskLaunch) -> None:
+        # A new job's first task here takes a ready spare sandbox now, with the work directory
+        # made ahead in it, rather than once its folders are made (see WarmPool.make_workdir).
+        if self.warm is None or not self.warm.make_workdir(launch):
+            make_workdir(launch.workdir)
 
     async def start(self, launch: TaskLaunch, on_output: OutputSink) -> RunningTask:
         launch.check_workdir()

@@ -32,6 +32,7 @@ from planetary_mesh.sandbox.runner import (
     ProcessTask,
     RunningTask,
     TaskLaunch,
+    make_workdir,
 )
 from planetary_mesh.sandbox.user import TaskUser
 
@@ -54,6 +55,9 @@ class PlainRunner:
 
     def close(self) -> None:
         pass
+
+    def make_workdir(self, launch: TaskLaunch) -> None:
+        make_workdir(launch.workdir)
 
     async def start(self, launch: TaskLaunch, on_output: OutputSink) -> RunningTask:
         launch.check_workdir()

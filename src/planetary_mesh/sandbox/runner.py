@@ -213,9 +213,21 @@ class Runner(Protocol):
         """Release what the runner holds (its cgroup subtree) when the agent stops."""
         ...
 
+    def make_workdir(self, launch: TaskLaunch) -> None:
+        """Make the launch's work directory, and its job's folder above it, empty; the caller
+        puts the task's inputs in, then starts it."""
+        ...
+
     async def start(self, launch: TaskLaunch, on_output: OutputSink) -> RunningTask:
         """Start the task; stdout and stderr come merged to ``on_output`` in chunks as read."""
         ...
+
+
+def make_workdir(workdir: Path) -> None:
+    """A task's work directory, for the task user only, in its job's folder, which the task
+    user may pass through but not list."""
+    workdir.parent.mkdir(mode=0o711, exist_ok=True)
+    workdir.mkdir(mode=0o700, exist_ok=True)
 
 
 def default_runner(allow_unsandboxed: bool, warm: str = "auto") -> Runner:

@@ -80,6 +80,14 @@ TREE_GONE_TIMEOUT_S = 30.0  # a process stuck in the kernel (D state) can hold i
 MAX_SPARE_CGROUPS = 4  # per warm sandbox and limits: a clean task cgroup is reused
 
 
+class FreeCgroups(dict[Limits, list[TaskCgroup]]):
+    """Clean, empty cgroups by their limits, kept for the next tasks and sandboxes (see
+    WarmSandbox.give_back). Once ``closed`` (the pool has closed), what comes back is removed:
+    a task killed by the close ends after it."""
+
+    closed = False
+
+
 class WarmMode(StrEnum):
     """When tasks use warm sandboxes (the agent's --warm-sandboxes)."""
 
@@ -107,7 +115,7 @@ class WarmSandbox:
         on_closed: Callable[[WarmSandbox], None],
         reaper: CgroupReaper,
         background: bool = False,
-        free_cgroups: dict[Limits, list[TaskCgroup]] | None = None,
+        free_cgroups: FreeCgroups | None = None,
     ) -> None:
         self.jobdir = jobdir
         self.background = background  # made at SPARE_NICE until ready or hurried
@@ -128,7 +136,7 @@ class WarmSandbox:
         self._exits: dict[int, asyncio.Future[dict[str, Any]]] = {}
         # Clean, empty cgroups by their limits, shared by the pool's sandboxes: a task's, or a
         # closed sandbox's own, is the next one's (see give_back).
-        self._spare_cgroups = {} if free_cgroups is None else free_cgroups
+        self._spare_cgroups = FreeCgroups() if free_cgroups is None else free_cgroups
         self._premade: TaskCgroup | None = None  # a spare's first task's, made ahead
         self._premade_limits: Limits | None = None  # what it is limited to, if anything
         self._ids = itertools.count(1)
@@ -319,7 +327,11 @@ class WarmSandbox:
         more than starting a task. What a cgroup keeps (counters) no task can see: a sandbox
         has a cgroup namespace of its own and no /sys/fs/cgroup."""
         spare = self._spare_cgroups.setdefault(limits, [])
-        if len(spare) >= MAX_SPARE_CGROUPS or not group.reusable(oom_killed):
+        if (
+            self._spare_cgroups.closed
+            or len(spare) >= MAX_SPARE_CGROUPS
+            or not group.reusable(oom_killed)
+        ):
             group.remove()
         else:
             spare.append(group)

@@ -22,7 +22,7 @@ from pathlib import Path
 from planetary_mesh.sandbox.bwrap_spawn import CgroupReaper
 from planetary_mesh.sandbox.limits import CgroupBackend, Limits, TaskCgroup
 from planetary_mesh.sandbox.runner import OutputSink, RunningTask, TaskLaunch
-from planetary_mesh.sandbox.warm import WarmMode, WarmSandbox, WarmUnavailable
+from planetary_mesh.sandbox.warm import FreeCgroups, WarmMode, WarmSandbox, WarmUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,12 @@ SINGLE_TASK_IDLE_S = 0.003
 SPARE_QUIET_S = 0.005
 SPARE_MAX_WAIT_S = 0.1
 MAX_START_FAILURES = 3  # in a row, before the agent gives up on warm sandboxes
+# A spare's folder holds, made ahead, the work directory of the first task it is given: the
+# agent renames it into place rather than make the job's folder and the task's directory (two
+# mkdirs on a new job's critical path, 0.4 ms here, against two renames, 0.06 ms).
+PREMADE_WORKDIR = ".next-task"
+
+Key = tuple[str, bool, Path, tuple[str, ...]]
 
 
 class WarmPool:
@@ -64,14 +70,14 @@ class WarmPool:
         self._executable = executable
         self._idle_s = idle_s
         self._size = size
-        self._sandboxes: dict[tuple[str, bool, Path, tuple[str, ...]], WarmSandbox] = {}
+        self._sandboxes: dict[Key, WarmSandbox] = {}
         self._starting: set[asyncio.Task[None]] = set()
         self._spares: list[WarmSandbox] = []  # made ahead for the next jobs (no network)
         self._spare_ids = itertools.count(1)
         self._reaper = CgroupReaper()
         self._root: Path | None = None  # where the agent keeps jobs' folders, and spares'
         self._likely_limits: Limits | None = None  # a spare's first task cgroup is limited so
-        self._free_cgroups: dict[Limits, list[TaskCgroup]] = {}  # see WarmSandbox.give_back
+        self._free_cgroups = FreeCgroups()  # see WarmSandbox.give_back
         self._closed = False
         self._spares_timer: asyncio.TimerHandle | None = None
         self._spares_wanted_since: float | None = None
@@ -88,16 +94,56 @@ class WarmPool:
         """The spare sandboxes, ready or being made."""
         return list(self._spares)
 
+    def _takes(self, launch: TaskLaunch) -> bool:
+        # A warm sandbox is made once for a job's tasks: it cannot show each task only its own
+        # devices (a GPU's), so those tasks get fresh sandboxes.
+        return not (
+            launch.share is None or launch.devices or not self.enabled or self.mode is WarmMode.OFF
+        )
+
+    @staticmethod
+    def _key(launch: TaskLaunch) -> Key:
+        assert launch.share is not None
+        return (launch.share, launch.network, launch.workdir.parent, launch.ro_binds)
+
+    def make_workdir(self, launch: TaskLaunch) -> bool:
+        """Make the work directory of a job's first task here out of the one made ahead in a
+        ready spare, which becomes the job's sandbox, its folder the job's. False: no spare
+        fits (the job has a sandbox here already, or needs network or extra binds, or none is
+        ready); the caller makes the directory."""
+        if not self._takes(launch) or launch.network or launch.ro_binds or self._closed:
+            return False
+        key = self._key(launch)
+        if key in self._sandboxes:
+            return False
+        self._make_room()
+        spare = next((s for s in self._spares if s.ready and not s.closed), None)
+        if spare is None or len(self._sandboxes) >= self._size:
+            return False
+        premade, workdir = spare.jobdir / PREMADE_WORKDIR, spare.jobdir / launch.workdir.name
+        try:
+            os.rename(premade, workdir)
+        except OSError:
+            return False  # (a spare made before, without one) the old way, at its spawn
+        try:
+            os.rename(spare.jobdir, launch.workdir.parent)  # none there yet, or an empty one
+        except OSError as error:
+            log.warning("could not give a spare sandbox to %s: %s", key[2].name, error)
+            with contextlib.suppress(OSError):
+                os.rename(workdir, premade)
+            return False
+        self._spares.remove(spare)
+        self._adopt(spare, key, launch)
+        return True
+
     async def spawn(self, launch: TaskLaunch, on_output: OutputSink) -> RunningTask | None:
         """The task started in its job's warm sandbox; None: start it in a fresh one. A job's
         first launch here takes the spare sandbox if it fits, else makes the job a warm
         sandbox: in the background (auto), or waiting for it (always)."""
-        # A warm sandbox is made once for a job's tasks: it cannot show each task only its own
-        # devices (a GPU's), so those tasks get fresh sandboxes.
-        if launch.share is None or launch.devices or not self.enabled or self.mode is WarmMode.OFF:
+        if not self._takes(launch):
             return None
         jobdir = launch.workdir.parent
-        key = (launch.share, launch.network, jobdir, launch.ro_binds)
+        key = self._key(launch)
         if launch.limits is not None:
             self._likely_limits = launch.limits  # the next job's are most often the same
         sandbox = self._sandboxes.get(key)
@@ -120,7 +166,7 @@ class WarmPool:
     async def _spawn_in(
         self,
         sandbox: WarmSandbox | None,
-        key: tuple[str, bool, Path, tuple[str, ...]],
+        key: Key,
         launch: TaskLaunch,
         on_output: OutputSink,
     ) -> RunningTask | None:
@@ -209,6 +255,7 @@ class WarmPool:
         folder = root / f".spare-{next(self._spare_ids)}"
         try:
             folder.mkdir(mode=0o711)  # as the agent makes a job's folder
+            (folder / PREMADE_WORKDIR).mkdir(mode=0o700)  # and a task's directory
         except OSError as error:
             log.warning("no spare sandbox: cannot make %s: %s", folder, error)
             return
@@ -217,9 +264,7 @@ class WarmPool:
         assert spare.starting is not None
         spare.starting.add_done_callback(lambda _: self._want_spares())
 
-    def _claim_spare(
-        self, key: tuple[str, bool, Path, tuple[str, ...]], launch: TaskLaunch
-    ) -> WarmSandbox | None:
+    def _claim_spare(self, key: Key, launch: TaskLaunch) -> WarmSandbox | None:
         """Make a ready spare sandbox this job's (the launch has no network or extra binds).
         A spare's /work is bound to its own folder: the job's folder, made by the agent with
         this task's directory in it, gives its entries to that folder, which then takes the
@@ -231,6 +276,8 @@ class WarmPool:
         jobdir = launch.workdir.parent
         moved: list[str] = []
         try:
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(spare.jobdir / PREMADE_WORKDIR)  # the task's directory is made already
             for name in os.listdir(jobdir):
                 os.rename(jobdir / name, spare.jobdir / name)
                 moved.append(name)
@@ -243,10 +290,14 @@ class WarmPool:
             spare.close()
             shutil.rmtree(spare.jobdir, ignore_errors=True)
             return None
-        idle_s = self._idle_s if launch.share_size > 1 else SINGLE_TASK_IDLE_S
-        spare.adopt(jobdir, idle_s)
-        self._sandboxes[key] = spare
+        self._adopt(spare, key, launch)
         return spare
+
+    def _adopt(self, spare: WarmSandbox, key: Key, launch: TaskLaunch) -> None:
+        """A spare, its folder renamed to the job's, becomes the job's sandbox."""
+        idle_s = self._idle_s if launch.share_size > 1 else SINGLE_TASK_IDLE_S
+        spare.adopt(launch.workdir.parent, idle_s)
+        self._sandboxes[key] = spare
 
     async def _start(self, sandbox: WarmSandbox) -> None:
         """Make ``sandbox``; raises nothing but CancelledError. Failing to make several in a row
@@ -300,6 +351,7 @@ class WarmPool:
         for spare in list(self._spares):
             spare.close()
         self._reaper.finish()
+        self._free_cgroups.closed = True
         for free in self._free_cgroups.values():
             for group in free:
                 group.remove()

@@ -601,6 +601,21 @@ def test_a_user_certificate_cannot_use_the_agent_endpoints(coordinator: Coordina
     assert "only agent certificates" in error_message(renewal, 403)
 
 
+def test_the_agent_session_is_not_compressed(coordinator: Coordinator) -> None:
+    # Offered permessage-deflate (websockets offers it unless told not to), the coordinator
+    # declines: on a LAN it cost more CPU than the bytes it saved.
+    paths = coordinator.paths
+    context = ssl_context(coordinator, paths.admin_cert, paths.admin_key)
+    url = coordinator.url.replace("https://", "wss://") + "/v1/agent/session"
+    with websockets.sync.client.connect(url, ssl=context, open_timeout=10) as session:
+        offered = (
+            session.request.headers.get("Sec-WebSocket-Extensions") if session.request else None
+        )
+        assert offered is not None and "permessage-deflate" in offered
+        assert session.response is not None
+        assert "Sec-WebSocket-Extensions" not in session.response.headers
+
+
 def test_the_coordinators_server_certificate_is_refused_as_a_client(
     coordinator: Coordinator,
 ) -> None:

@@ -427,6 +427,7 @@ class Agent:
             self.url,
             ssl=self.ssl,
             max_size=MAX_REQUEST_BYTES,
+            compression=None,  # as the coordinator, which refuses it (ADR 2)
             ping_interval=5,
             ping_timeout=10,
             open_timeout=10,

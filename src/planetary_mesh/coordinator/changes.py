@@ -25,6 +25,10 @@ class Changes:
         """Return the version once it differs from ``seen``, or after ``timeout`` seconds."""
         if self.version != seen or timeout <= 0:
             return self.version
+        # Not wait_for: it runs the wait as a task of its own, and its end reached this one
+        # two turns of the event loop after the change (behind, say, the agent's ack going out);
+        # a waiter woken in the first turn answers its client ~0.1 ms sooner.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
         return self.version

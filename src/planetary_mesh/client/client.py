@@ -74,6 +74,7 @@ class Client:
             # name, not this address (ADR 13); the CA pin is the proof, as always.
             self._extensions = {"sni_hostname": certs.COORDINATOR_NAME}
         self.base_url = base
+        self._urls: dict[tuple[str, str], httpx.URL] = {}  # see _url
         self._http = httpx.Client(
             base_url=base, verify=context, timeout=timeout, transport=transport
         )
@@ -127,9 +128,23 @@ class Client:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _url(self, path: str, params: dict[str, Any] | None) -> httpx.URL:
+        """``absolute_url`` of ``path`` with ``params``, made once for each."""
+        query = "" if not params else str(httpx.QueryParams(params))
+        key = (path, query)
+        url = self._urls.get(key)
+        if url is None:
+            if len(self._urls) >= _URLS_KEPT:
+                self._urls.clear()  # job paths differ: a bound, not an eviction policy
+            url = self._urls[key] = absolute_url(self._http.base_url, path, query)
+        return url
+
+    def _request(
+        self, method: str, path: str, params: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Any:
+        url = self._url(path, params)
         try:
-            response = self._http.request(method, path, extensions=self._extensions, **kwargs)
+            response = self._http.request(method, url, extensions=self._extensions, **kwargs)
         except httpx.ConnectError as exc:
             cause = exc.__context__ or exc.__cause__
             if isinstance(cause, ssl.SSLCertVerificationError):
@@ -329,6 +344,18 @@ class Client:
 
     def undrain(self, node_id: str) -> NodeInfo:
         return self._model(NodeInfo, "POST", f"/v1/nodes/{_segment(node_id)}/undrain")
+
+
+_URLS_KEPT = 256
+
+
+def absolute_url(base: httpx.URL, path: str, query: str) -> httpx.URL:
+    """The URL httpx would request for ``path`` (ASCII, as all of ours are) and the encoded
+    ``query`` on a client with ``base``: the path goes after the base URL's. Made once per
+    path by the Client: httpx parses a relative path against its base on every request, ~0.1
+    ms of pure Python, of ~0.6 ms a submit took in the client before it reached the socket."""
+    raw = base.raw_path + path.lstrip("/").encode("ascii")
+    return base.copy_with(raw_path=raw + (b"?" + query.encode("ascii") if query else b""))
 
 
 def _body(job: JobSubmit) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from planetary_mesh.coordinator.deps import Admin, Identity, TaskIndex, User
 from planetary_mesh.coordinator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from planetary_mesh.coordinator.peer_cert import peer_cert_der
 from planetary_mesh.coordinator.service import CoordinatorService
+from planetary_mesh.core.model import Job
 from planetary_mesh.errors import (
     MeshError,
     NotFound,
@@ -162,7 +163,7 @@ def create_app(service: CoordinatorService) -> FastAPI:
         after ``timeout`` seconds: a submit and a wait in one request. With its own ``id`` in the
         body, the caller knows the job should the connection drop, and waits on with /wait."""
         job = service.submit(who.name, body)
-        return await until_ended(job.id, timeout)
+        return await until_ended(job.id, timeout, job)
 
     @app.get("/v1/jobs")
     async def jobs(
@@ -195,11 +196,13 @@ def create_app(service: CoordinatorService) -> FastAPI:
         ``timeout`` seconds: a long poll, so a client hears of the end at once."""
         return await until_ended(job_id, timeout)
 
-    async def until_ended(job_id: str, timeout: float) -> JobInfo:
+    async def until_ended(job_id: str, timeout: float, fresh: Job | None = None) -> JobInfo:
+        """``fresh``: the job as read just now, with nothing awaited since (so no change
+        missed): its first look needs no read of its own."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             seen = service.changes.version
-            found = service.job(job_id)
+            found, fresh = fresh or service.job(job_id), None
             left = deadline - asyncio.get_running_loop().time()
             ended = sum(n for state, n in found.counts.items() if state.ended)
             if ended == found.spec.count or left <= 0:

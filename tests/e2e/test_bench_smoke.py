@@ -23,7 +23,11 @@ def test_the_benchmark_smoke_produces_every_mesh_figure(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     (raw,) = tmp_path.glob("smoke-*.json")
-    figures = json.loads(raw.read_text())["rounds"][0]["mesh"]
+    found = json.loads(raw.read_text())
+    figures = found["rounds"][0]["mesh"]
+    samples = found["raw"][0]["mesh"]["raw"]
+    # The speedup's serial and parallel runs were made side by side, two of each.
+    assert len(samples["cpu_serial_s"]) == 2 and len(samples["cpu_parallel_s"]) == 2
     expected = {
         "footprint_mib", "commands_per_s", "latency_p50_ms", "latency_p99_ms", "large_array_s",
         "functions_per_s", "function_latency_p50_ms", "function_latency_p99_ms",

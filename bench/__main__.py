@@ -143,6 +143,15 @@ def one_round(name: str, sizes: Sizes, loops: int, log: Any, first: bool) -> dic
             log(f"  {name}: {sizes.pending} pending tasks: {figures['pending_mib']:.0f} MiB")
     finally:
         system.stop()
+        anomalies = list(getattr(system, "anomalies", []))
+        if anomalies:
+            raw["anomalies"] = anomalies
+            kept = Path(tempfile.mkdtemp(prefix=f"pm-bench-{name}-kept-"))
+            if (root / "logs").is_dir():
+                shutil.copytree(root / "logs", kept / "logs")
+            for line in anomalies:
+                log(f"  {name}: MISSED {line}")
+            log(f"  {name}: its logs are kept in {kept / 'logs'}")
         shutil.rmtree(root, ignore_errors=True)
     return {"figures": figures, "raw": raw}
 

@@ -25,6 +25,9 @@ class MeshSystem:
         self.root = root
         self.local: LocalMesh | None = None
         self.client: Client | None = None
+        # What a scenario that missed saw (the task's attempts, the nodes' states): with the
+        # processes' logs, which the round then keeps, it is what a rare miss leaves to study.
+        self.anomalies: list[str] = []
 
     def start(self) -> None:
         self.local = LocalMesh(self.root, agents=2, agent_cpus=1)
@@ -139,8 +142,11 @@ class MeshSystem:
                 rerun = time.perf_counter() - hit
             except NotWithin:
                 rerun = float("inf")
+                self.anomalies.append(f"{harm}: no rerun within {cap:g} s; {self._seen(job.id)}")
             done = self._c.wait(job.id, timeout=cap)
             lost = 1 - done.tasks["succeeded"]
+            if lost:
+                self.anomalies.append(f"{harm}: no result within {cap:g} s; {self._seen(job.id)}")
         finally:
             if harm == "kill":
                 self._mesh.restart_agent(index)
@@ -148,6 +154,17 @@ class MeshSystem:
                 kill(proc.pid, signal.SIGCONT)
             self._mesh.wait_ready(2)
         return rerun, lost
+
+    def _seen(self, job_id: str) -> str:
+        job = self._c.job(job_id)
+        assert job.task_list is not None
+        task = job.task_list[0]
+        history = "; ".join(f"attempt on {a.node}: {a.state}" for a in task.history or [])
+        nodes = ", ".join(f"{n.name} ({n.id}) {n.state}" for n in self._c.nodes())
+        return (
+            f"task {task.state} on {task.node}, {task.attempts} attempts ({history});"
+            f" nodes: {nodes}"
+        )
 
     def kill_rerun(self, cap: float) -> tuple[float, int]:
         return self._rerun_after("kill", cap)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.mesh_system import MeshSystem
+
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,3 +45,19 @@ def test_the_benchmark_smoke_produces_every_mesh_figure(tmp_path: Path) -> None:
     (table,) = tmp_path.glob("smoke-*.md")
     assert "| commands: /bin/true tasks per second (/s) |" in table.read_text()
     assert not (tmp_path / "latest.md").exists()  # a smoke never passes for a measurement
+
+
+def test_a_missed_rerun_records_what_the_mesh_showed(tmp_path: Path) -> None:
+    """A freeze given too little time to be noticed misses: the round keeps the task's state
+    and the nodes', so a rare miss in a long run can be studied afterwards."""
+    system = MeshSystem(tmp_path)
+    system.start()
+    try:
+        rerun, lost = system.freeze_rerun(cap=0.3)  # the node is lost only after 4 s
+    finally:
+        system.stop()
+    assert rerun == float("inf") and lost == 1
+    missed_rerun, missed_result = system.anomalies
+    assert missed_rerun.startswith("freeze: no rerun within 0.3 s; task running on ")
+    assert "1 attempts" in missed_rerun and "agent-1" in missed_rerun
+    assert missed_result.startswith("freeze: no result within 0.3 s; ")

@@ -75,6 +75,12 @@ class _Job:
     futures: dict[int, Future[Any]] = field(default_factory=dict)
     cursor: int = 0
     follower: threading.Thread | None = None
+    # Indices the mesh has given this executor's calls so far (they come in order). The mesh
+    # places a call as it files it, so a quick call can start and end, and its follower hear of
+    # it, before the sender has filed the answer that names its index: such updates wait here
+    # for their future instead of being dropped (which left the future pending for ever).
+    known: int = 0
+    early: dict[int, list[CallUpdate]] = field(default_factory=dict)
 
 
 @dataclass
@@ -175,12 +181,16 @@ class _Engine:
                 self.where[item.future] = (job, first + offset)
                 if item.future.cancelled():  # cancelled while on its way: stop it there
                     self.to_cancel.append((job, first + offset))
+            job.known = max(job.known, first + len(part))
+            early = [u for i in range(first, first + len(part)) for u in job.early.pop(i, [])]
             if job.follower is None:
                 job.follower = threading.Thread(
                     target=self._follow, args=(job,), name=f"mesh-follow-{job.id}", daemon=True
                 )
                 job.follower.start()
             self.lock.notify_all()
+        for update in early:  # heard of before this thread could file their futures
+            self._resolve(job, update)
 
     def _on_done(self, future: Future[Any]) -> None:
         if not future.cancelled():
@@ -241,7 +251,10 @@ class _Engine:
     def _resolve(self, job: _Job, update: CallUpdate) -> None:
         with self.lock:
             future = job.futures.get(update.index)
-        if future is None:
+            if future is None and update.index >= job.known:
+                job.early.setdefault(update.index, []).append(update)  # filed in a moment
+                return
+        if future is None:  # ended already, and forgotten
             return
         if update.state == "running":
             if not future.done() and not future.running():  # a call run again starts twice

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import sqlite3
 from pathlib import Path
 from typing import Any, Literal
 
@@ -247,6 +248,42 @@ def test_a_requeued_task_goes_to_another_node(
     (moved,) = assigned(b)
     assert moved[0] == ref[0] and moved[1] == ref[1] + 1
     assert task_of(service, job).node_id == "n-b"
+
+
+def test_a_node_loss_whose_commit_fails_is_retried_and_strands_nothing(
+    service: CoordinatorService, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store error while a node is declared lost (a full disk, say) must not leave the node
+    lost with its work still on it: it is declared lost again, and its work moved, next tick."""
+    a = join(service, "n-a", cpus=1)
+    job = submit(service)
+    service.schedule_round()
+    (ref,) = assigned(a)
+    b = join(service, "n-b", cpus=1)
+    service.agent_disconnected(a)
+    clock.advance(0.5)
+
+    real_requeue = service.store.requeue_node_attempts
+    failures = iter([sqlite3.OperationalError("database or disk is full")])
+
+    def failing_once(*args: Any, **kwargs: Any) -> list[int]:
+        for error in failures:
+            raise error
+        return real_requeue(*args, **kwargs)
+
+    monkeypatch.setattr(service.store, "requeue_node_attempts", failing_once)
+    service.check_liveness()
+    # Nothing of the loss was kept: the node is not lost, its task is where it was.
+    assert node_state(service, "n-a") is NodeState.SUSPECT
+    assert task_of(service, job).state is TaskState.ASSIGNED
+    assert "node_lost" not in event_kinds(service)
+
+    clock.advance(0.1)
+    service.check_liveness()  # the next tick
+    assert node_state(service, "n-a") is NodeState.LOST
+    service.schedule_round()
+    (moved,) = assigned(b)
+    assert moved[0] == ref[0] and moved[1] == ref[1] + 1
 
 
 # -- a node that goes silent --------------------------------------------------------------------

@@ -493,32 +493,41 @@ class CoordinatorService:
         watched = [n for n in self.liveness.values() if n.state is not NodeState.LOST]
         for change in liveness_changes(watched, now, self.policy):
             record = self.liveness[change.node_id]
+            if change.state is NodeState.LOST:
+                try:
+                    self._node_lost(record, change.reason)
+                except Exception:
+                    # Nothing of the loss was kept (memory or store): the node is still
+                    # watched, so the next tick declares it lost again and retries.
+                    log.exception("declaring node %s lost failed; retrying", change.node_id)
+                continue
             self.liveness[change.node_id] = NodeLiveness(
                 record.node_id, change.state, record.connected, record.last_heard,
                 record.not_lost_before,
             )  # fmt: skip
             self.store.update_node(change.node_id, state=change.state, now=record.last_heard)
-            if change.state is NodeState.LOST:
-                self._node_lost(change.node_id, change.reason)
-            else:
-                self.event(
-                    "node_suspect", f"node {change.node_id}: {change.reason}",
-                    node_id=change.node_id,
-                )  # fmt: skip
+            self.event(
+                "node_suspect", f"node {change.node_id}: {change.reason}", node_id=change.node_id
+            )
         for node_id, deadline in self.draining.items():
             if deadline is not None and now >= deadline:
                 self._hand_back(node_id, "drain deadline passed")
 
-    def _node_lost(self, node_id: str, why: str) -> None:
-        requeued = self.store.requeue_node_attempts(
-            node_id, set(), f"node lost ({why})", self.clock()
-        )
+    def _node_lost(self, record: NodeLiveness, why: str) -> None:
+        """Mark the node lost and put its tasks back in the queue, in one commit: a node is
+        never lost in the store (or in memory, which stops watching it) with work left on it."""
+        node_id = record.node_id
+        with self.store.transaction():
+            self.store.update_node(node_id, state=NodeState.LOST, now=record.last_heard)
+            requeued = self.store.requeue_node_attempts(
+                node_id, set(), f"node lost ({why})", self.clock()
+            )
+            self.event(
+                "node_lost",
+                f"node {node_id} lost ({why}); {len(requeued)} tasks back in the queue",
+                node_id=node_id,
+            )
         self.metrics.reassignments.inc(len(requeued))
-        self.event(
-            "node_lost",
-            f"node {node_id} lost ({why}); {len(requeued)} tasks back in the queue",
-            node_id=node_id,
-        )
         session = self.sessions.pop(node_id, None)
         if session is not None:
             session.close()

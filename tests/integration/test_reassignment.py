@@ -6,6 +6,7 @@ backoff is checked at its exact edge with no sleeps and no network.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import sqlite3
@@ -731,3 +732,38 @@ def test_an_attempts_stored_output_is_bounded_whatever_the_agent_sends(
     stored, _ = service.store.logs(task_id, attempt, limit - 4)
     assert stored == b"1234"  # cut at the bound; the chunk beyond it is not stored at all
     assert service.store.logs(task_id, attempt, 0)[0].startswith(b"start\n")
+
+
+# -- the scheduler loop -------------------------------------------------------------------------
+
+
+def test_a_failed_scheduling_round_is_retried_without_waiting_for_another_kick(
+    service: CoordinatorService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round that fails (a store error) spends the kick that asked for it; in a quiet mesh
+    none may follow, so the loop must try again by itself or the queue waits for ever."""
+    a = join(service, "n-a", cpus=1)
+    real_assign = service.store.assign
+    failures = iter([sqlite3.OperationalError("disk I/O error")] * 2)
+
+    def failing_twice(*args: Any, **kwargs: Any) -> Any:
+        for error in failures:
+            raise error
+        return real_assign(*args, **kwargs)
+
+    monkeypatch.setattr(service.store, "assign", failing_twice)
+    job = submit(service)  # its own placement fails (1), and kicks the loop
+    assert task_of(service, job).state is TaskState.PENDING
+
+    async def scenario() -> None:
+        loop = asyncio.create_task(service.run_scheduler(retry_after=0.05))
+        try:
+            async with asyncio.timeout(10):
+                while task_of(service, job).state is not TaskState.ASSIGNED:
+                    await asyncio.sleep(0.01)  # the kicked round fails too (2); nothing kicks
+        finally:
+            loop.cancel()
+
+    asyncio.run(scenario())
+    (ref,) = assigned(a)
+    assert ref[0] == task_of(service, job).id

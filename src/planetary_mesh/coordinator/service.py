@@ -62,6 +62,7 @@ from planetary_mesh.store.sqlite import SQLiteStore
 log = logging.getLogger(__name__)
 
 ASSIGN_MESSAGE_BYTES = 16 * 1024 * 1024  # of calls in one message to an agent (its limit: 64)
+SCHEDULE_RETRY_AFTER = 0.5  # seconds before the scheduler loop tries again after a failed round
 
 # Ends that are the task's own doing count against its retries; the rest requeue it for free.
 _COUNTS_AGAINST_RETRIES = {
@@ -806,11 +807,16 @@ class CoordinatorService:
         """Ask for a scheduling round soon; many kicks in a row cost one round."""
         self._kick.set()
 
-    async def run_scheduler(self) -> None:
+    async def run_scheduler(self, retry_after: float = SCHEDULE_RETRY_AFTER) -> None:
+        failed = False
         while True:
-            # Sleep until kicked, or until the earliest retry's backoff is over.
+            # Sleep until kicked, or until the earliest retry's backoff is over; after a failed
+            # round, not longer than ``retry_after``: the kick that asked for it is spent, and
+            # in a quiet mesh (a node just lost, its work requeued) none may come for minutes.
             wake = self.store.next_retry_time()
             timeout = None if wake is None else max(0.0, wake - self.clock()) + 0.001
+            if failed:
+                timeout = retry_after if timeout is None else min(timeout, retry_after)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), timeout)
             self._kick.clear()
@@ -818,8 +824,10 @@ class CoordinatorService:
                 # A full batch placed means more of the queue may fit: go on, letting I/O in.
                 while self.schedule_round() >= SCHEDULE_BATCH:
                     await asyncio.sleep(0)
-            except Exception:  # keep scheduling alive; the next kick retries
-                log.exception("scheduling round failed")
+                failed = False
+            except Exception:
+                log.exception("scheduling round failed; retrying in %.1f s", retry_after)
+                failed = True
 
     def schedule_round(self) -> int:
         """Place queued tasks on connected nodes, send each node its batch; how many placed."""

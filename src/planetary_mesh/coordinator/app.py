@@ -405,12 +405,20 @@ async def _let_assignments_out() -> None:
 
 
 async def _pump(outbox: asyncio.Queue[dict[str, Any] | None], websocket: WebSocket) -> None:
-    while True:
-        message = await outbox.get()
-        if message is None:  # the service closed this session
-            await websocket.close(code=4408, reason="session closed by the coordinator")
-            return
-        await websocket.send_text(json.dumps(message, separators=(",", ":")))
+    """Send the session's outbox to the agent. Should a send fail, the session is closed: the
+    agent's heartbeats would otherwise keep its node ready while nothing reaches it, its new
+    work waiting for ever; closed, it reconnects and the two sides agree again."""
+    try:
+        while True:
+            message = await outbox.get()
+            if message is None:  # the service closed this session
+                await websocket.close(code=4408, reason="session closed by the coordinator")
+                return
+            await websocket.send_text(json.dumps(message, separators=(",", ":")))
+    except Exception:
+        log.exception("sending to an agent failed; closing its session so that it reconnects")
+        with contextlib.suppress(Exception):  # the connection may be gone already
+            await websocket.close(code=1011, reason="the coordinator could not send; reconnect")
 
 
 class RequireIdentity:

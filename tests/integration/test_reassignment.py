@@ -332,6 +332,36 @@ def test_a_silent_node_is_suspect_then_lost_and_its_session_is_closed(
     assert task_of(service, job).node_id == survivor.node_id
 
 
+def test_liveness_runs_on_a_monotonic_clock_not_the_wall_clock(tmp_path: Path) -> None:
+    """The machine's clock may step (NTP, a VM resumed): a step forward must not declare every
+    node lost, nor a step back keep a silent node alive; only time that passed counts."""
+    wall, ticks = FakeClock(), FakeClock(50.0)
+    service = new_service(tmp_path / "mesh.db", wall, ticks=ticks)
+    a = join(service, "n-a", cpus=1)
+    b = join(service, "n-b", cpus=1)
+    job = submit(service)
+    service.schedule_round()
+    victim, survivor = (a, b) if task_of(service, job).node_id == "n-a" else (b, a)
+
+    wall.advance(3600.0)  # the wall clock jumps an hour ahead; no time passed
+    service.check_liveness()
+    assert node_state(service, "n-a") is NodeState.READY
+    assert node_state(service, "n-b") is NodeState.READY
+
+    wall.advance(-7200.0)  # and an hour behind where it was
+    for _ in range(4):  # 4 s pass: the survivor beats, the victim is silent
+        ticks.advance(1.0)
+        wall.advance(1.0)
+        service.agent_heard(survivor)
+        service.check_liveness()
+    assert node_state(service, victim.node_id) is NodeState.LOST
+    assert node_state(service, survivor.node_id) is NodeState.READY
+    assert task_of(service, job).state is TaskState.PENDING
+    # What is stored is wall time: when the victim was last heard, by the wall clock.
+    (lost,) = [n for n in service.store.nodes() if n.id == victim.node_id]
+    assert lost.last_seen == pytest.approx(wall.now - 4.0)
+
+
 def test_a_suspect_node_that_is_heard_again_is_ready(
     service: CoordinatorService, clock: FakeClock
 ) -> None:

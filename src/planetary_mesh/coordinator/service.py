@@ -86,7 +86,12 @@ class CoordinatorService:
         policy: LivenessPolicy | None = None,
         retry_backoff: tuple[float, float] = (1.0, 60.0),
         clock: Callable[[], float] = time.time,
+        ticks: Callable[[], float] | None = None,
     ) -> None:
+        """``clock`` is wall time, for what is stored and shown; ``ticks`` a monotonic clock
+        for liveness, so that a step of the machine's clock (NTP, a resumed VM) neither
+        declares every node lost nor keeps a silent one alive. Tests that inject a ``clock``
+        drive both with it unless they pass ``ticks`` too."""
         self.store = store
         self.ca_cert = ca_cert
         self.ca_key = ca_key
@@ -95,6 +100,7 @@ class CoordinatorService:
         self.policy = policy or LivenessPolicy()
         self.retry_backoff = retry_backoff
         self.clock = clock
+        self.ticks = ticks or (time.monotonic if clock is time.time else clock)
         self.sessions: dict[str, AgentSession] = {}
         # What each connected node's machine is doing (CPU %, memory in use), as its last
         # message said: live figures for people, never stored and never used to schedule.
@@ -110,7 +116,7 @@ class CoordinatorService:
         # After a restart no session is up yet: every node waits to reconnect, and is owed a
         # grace before it can be declared lost.
         store.mark_nodes(NodeState.READY, NodeState.SUSPECT)
-        now = clock()
+        now = self.ticks()
         self.liveness: dict[str, NodeLiveness] = {
             node.id: NodeLiveness(
                 node.id,
@@ -387,7 +393,7 @@ class CoordinatorService:
         was = self.liveness.get(node_id)
         if was is not None and was.state is NodeState.LOST:
             self.event("node_back", f"node {node_id} is back after being lost", node_id=node_id)
-        self.liveness[node_id] = NodeLiveness(node_id, NodeState.READY, True, now)
+        self.liveness[node_id] = NodeLiveness(node_id, NodeState.READY, True, self.ticks())
         self.store.update_node(
             node_id,
             state=NodeState.READY,
@@ -457,7 +463,9 @@ class CoordinatorService:
                 "node_back", f"node {session.node_id} is heard again", node_id=session.node_id
             )
             self.kick()
-        self.liveness[session.node_id] = NodeLiveness(session.node_id, NodeState.READY, True, now)
+        self.liveness[session.node_id] = NodeLiveness(
+            session.node_id, NodeState.READY, True, self.ticks()
+        )
 
     def _note_usage(self, node_id: str, usage: Usage | None) -> None:
         if usage is not None:
@@ -475,7 +483,7 @@ class CoordinatorService:
             now = self.clock()
             self.store.update_node(session.node_id, state=NodeState.SUSPECT, now=now)
             self.liveness[session.node_id] = NodeLiveness(
-                session.node_id, NodeState.SUSPECT, False, now
+                session.node_id, NodeState.SUSPECT, False, self.ticks()
             )
             self.event(
                 "node_suspect", f"node {session.node_id}: session closed", node_id=session.node_id
@@ -490,13 +498,13 @@ class CoordinatorService:
 
     def check_liveness(self) -> None:
         """Apply what the pure liveness rules say, then hand back work past drain deadlines."""
-        now = self.clock()
+        now, ticks = self.clock(), self.ticks()
         watched = [n for n in self.liveness.values() if n.state is not NodeState.LOST]
-        for change in liveness_changes(watched, now, self.policy):
+        for change in liveness_changes(watched, ticks, self.policy):
             record = self.liveness[change.node_id]
             if change.state is NodeState.LOST:
                 try:
-                    self._node_lost(record, change.reason)
+                    self._node_lost(record, change.reason, now - (ticks - record.last_heard))
                 except Exception:
                     # Nothing of the loss was kept (memory or store): the node is still
                     # watched, so the next tick declares it lost again and retries.
@@ -506,7 +514,8 @@ class CoordinatorService:
                 record.node_id, change.state, record.connected, record.last_heard,
                 record.not_lost_before,
             )  # fmt: skip
-            self.store.update_node(change.node_id, state=change.state, now=record.last_heard)
+            heard_at = now - (ticks - record.last_heard)  # as wall time, for the store
+            self.store.update_node(change.node_id, state=change.state, now=heard_at)
             self.event(
                 "node_suspect", f"node {change.node_id}: {change.reason}", node_id=change.node_id
             )
@@ -514,12 +523,12 @@ class CoordinatorService:
             if deadline is not None and now >= deadline:
                 self._hand_back(node_id, "drain deadline passed")
 
-    def _node_lost(self, record: NodeLiveness, why: str) -> None:
+    def _node_lost(self, record: NodeLiveness, why: str, heard_at: float) -> None:
         """Mark the node lost and put its tasks back in the queue, in one commit: a node is
         never lost in the store (or in memory, which stops watching it) with work left on it."""
         node_id = record.node_id
         with self.store.transaction():
-            self.store.update_node(node_id, state=NodeState.LOST, now=record.last_heard)
+            self.store.update_node(node_id, state=NodeState.LOST, now=heard_at)
             requeued = self.store.requeue_node_attempts(
                 node_id, set(), f"node lost ({why})", self.clock()
             )
@@ -532,7 +541,7 @@ class CoordinatorService:
         session = self.sessions.pop(node_id, None)
         if session is not None:
             session.close()
-        self.liveness[node_id] = NodeLiveness(node_id, NodeState.LOST, False, self.clock())
+        self.liveness[node_id] = NodeLiveness(node_id, NodeState.LOST, False, self.ticks())
         self._retime()
         self.kick()
 

@@ -51,7 +51,7 @@ class NodeLiveness:
     node_id: str
     state: NodeState
     connected: bool
-    last_heard: float  # last message on the session (or when it closed)
+    last_heard: float  # last message on the session (or when it closed), monotonic seconds
     not_lost_before: float = 0.0  # a grace the node is owed (after a coordinator restart)
 
 

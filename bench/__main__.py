@@ -149,9 +149,11 @@ def one_round(name: str, sizes: Sizes, loops: int, log: Any, first: bool) -> dic
             kept = Path(tempfile.mkdtemp(prefix=f"pm-bench-{name}-kept-"))
             if (root / "logs").is_dir():
                 shutil.copytree(root / "logs", kept / "logs")
+            for store in root.glob("mesh.db*"):  # the events: placed, requeued, started, ended
+                shutil.copy2(store, kept / store.name)
             for line in anomalies:
                 log(f"  {name}: MISSED {line}")
-            log(f"  {name}: its logs are kept in {kept / 'logs'}")
+            log(f"  {name}: its logs (and store, `mesh events` reads it) are kept in {kept}")
         shutil.rmtree(root, ignore_errors=True)
     return {"figures": figures, "raw": raw}
 

@@ -146,7 +146,9 @@ class MeshSystem:
             done = self._c.wait(job.id, timeout=cap)
             lost = 1 - done.tasks["succeeded"]
             if lost:
-                self.anomalies.append(f"{harm}: no result within {cap:g} s; {self._seen(job.id)}")
+                ended = done.state in ("failed", "cancelled")
+                how = f"the job {done.state}" if ended else f"none within {cap:g} s"
+                self.anomalies.append(f"{harm}: no result ({how}); {self._seen(job.id)}")
         finally:
             if harm == "kill":
                 self._mesh.restart_agent(index)
@@ -159,7 +161,10 @@ class MeshSystem:
         job = self._c.job(job_id)
         assert job.task_list is not None
         task = job.task_list[0]
-        history = "; ".join(f"attempt on {a.node}: {a.state}" for a in task.history or [])
+        history = "; ".join(
+            f"attempt on {a.node}: {a.state}" + (f" ({a.reason})" if a.reason else "")
+            for a in task.history or []
+        )
         nodes = ", ".join(f"{n.name} ({n.id}) {n.state}" for n in self._c.nodes())
         return (
             f"task {task.state} on {task.node}, {task.attempts} attempts ({history});"

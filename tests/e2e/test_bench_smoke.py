@@ -60,4 +60,4 @@ def test_a_missed_rerun_records_what_the_mesh_showed(tmp_path: Path) -> None:
     missed_rerun, missed_result = system.anomalies
     assert missed_rerun.startswith("freeze: no rerun within 0.3 s; task running on ")
     assert "1 attempts" in missed_rerun and "agent-1" in missed_rerun
-    assert missed_result.startswith("freeze: no result within 0.3 s; ")
+    assert missed_result.startswith("freeze: no result (none within 0.3 s); ")

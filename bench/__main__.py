@@ -153,7 +153,7 @@ def one_round(name: str, sizes: Sizes, loops: int, log: Any, first: bool) -> dic
                 shutil.copy2(store, kept / store.name)
             for line in anomalies:
                 log(f"  {name}: MISSED {line}")
-            log(f"  {name}: its logs (and store, `mesh events` reads it) are kept in {kept}")
+            log(f"  {name}: its logs and store (the events table) are kept in {kept}")
         shutil.rmtree(root, ignore_errors=True)
     return {"figures": figures, "raw": raw}
 

@@ -415,8 +415,8 @@ async def _pump(outbox: asyncio.Queue[dict[str, Any] | None], websocket: WebSock
                 await websocket.close(code=4408, reason="session closed by the coordinator")
                 return
             await websocket.send_text(json.dumps(message, separators=(",", ":")))
-    except Exception:
-        log.exception("sending to an agent failed; closing its session so that it reconnects")
+    except Exception as exc:  # the agent gone mid-send (common), or a message that cannot go
+        log.warning("sending to an agent failed (%r); closing its session to reconnect", exc)
         with contextlib.suppress(Exception):  # the connection may be gone already
             await websocket.close(code=1011, reason="the coordinator could not send; reconnect")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import socket
 import tempfile
@@ -311,3 +312,13 @@ def test_default_runner_without_bwrap(
         chosen = default_runner(allow_unsandboxed=True)
     assert (chosen.name, chosen.sandboxed) == ("none", False)
     assert "WITHOUT A SANDBOX" in caplog.text
+
+
+def test_the_bwrap_probe_leaves_no_folder_behind() -> None:
+    # Every agent probes bwrap as it starts; the probe's launcher folder stayed in /tmp after
+    # the agent stopped, until the next agent's sweep.
+    assert BWRAP is not None
+    mine = f"planetary-mesh-launcher-{os.getpid()}-*"
+    before = set(Path(tempfile.gettempdir()).glob(mine))
+    assert bwrap_problem(BWRAP) is None
+    assert set(Path(tempfile.gettempdir()).glob(mine)) == before

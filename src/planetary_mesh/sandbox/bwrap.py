@@ -345,16 +345,19 @@ def _read_only_binds(paths: tuple[str, ...]) -> list[str]:
 def bwrap_problem(executable: str, user: TaskUser | None = None) -> str | None:
     """Why ``executable`` cannot make our sandbox on this machine (as ``user``), or None."""
     runner = BwrapRunner(executable, user)
-    with tempfile.TemporaryDirectory(prefix="pm-bwrap-probe-") as workdir:
-        if user is not None:
-            hand_over(Path(workdir), user)
-        launch = TaskLaunch(argv=("true",), env={}, workdir=Path(workdir), timeout=None)
-        try:
-            done = subprocess.run(
-                runner.command(launch), capture_output=True, env={}, timeout=SETUP_TIMEOUT_S
-            )
-        except (OSError, subprocess.TimeoutExpired) as error:
-            return f"bubblewrap (bwrap) cannot make a sandbox here ({error})"
+    try:
+        with tempfile.TemporaryDirectory(prefix="pm-bwrap-probe-") as workdir:
+            if user is not None:
+                hand_over(Path(workdir), user)
+            launch = TaskLaunch(argv=("true",), env={}, workdir=Path(workdir), timeout=None)
+            try:
+                done = subprocess.run(
+                    runner.command(launch), capture_output=True, env={}, timeout=SETUP_TIMEOUT_S
+                )
+            except (OSError, subprocess.TimeoutExpired) as error:
+                return f"bubblewrap (bwrap) cannot make a sandbox here ({error})"
+    finally:
+        runner.close()  # its launcher folder, left for the next agent's sweep before
     if done.returncode == 0:
         return None
     lines = done.stderr.decode(errors="replace").strip().splitlines()

@@ -25,6 +25,7 @@ from planetary_mesh.config import CoordinatorPaths
 from planetary_mesh.coordinator.bootstrap import init_mesh
 from planetary_mesh.pki import certs
 from planetary_mesh.sandbox.bwrap import bwrap_problem
+from planetary_mesh.sandbox.scratch import sweep_scratch
 from planetary_mesh.sandbox.user import TaskUser, task_user
 
 START_TIMEOUT = 30.0
@@ -146,6 +147,14 @@ def fresh_coordinator(tmp_path: Path) -> Iterator[Coordinator]:
     """A coordinator of its own, for tests that need an empty mesh."""
     with running_coordinator(tmp_path / "mesh") as running:
         yield running
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_scratch_left_behind() -> Iterator[None]:
+    """Sandbox runners that tests make and do not close leave their launcher folders in /tmp:
+    this process's are removed once its tests are done, as an agent removes its own."""
+    yield
+    sweep_scratch(os.getpid())
 
 
 @pytest.fixture(scope="session")

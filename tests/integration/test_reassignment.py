@@ -149,6 +149,36 @@ def event_kinds(service: CoordinatorService) -> list[str]:
     return [e.kind for e in service.store.events()]
 
 
+def fail_store_calls(
+    monkeypatch: pytest.MonkeyPatch, service: CoordinatorService, method: str, times: int
+) -> None:
+    """Make the store's ``method`` raise a store error ``times`` times, then work again."""
+    real = getattr(service.store, method)
+    failures = iter([sqlite3.OperationalError("database or disk is full")] * times)
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        for error in failures:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service.store, method, failing)
+
+
+def task_on_a_then_a_disconnects(
+    service: CoordinatorService, clock: FakeClock
+) -> tuple[AgentSession, str, Ref]:
+    """A task placed on "n-a", then "n-b" joins and n-a's session closes, its grace over:
+    node b's session, the job and the task's first attempt."""
+    a = join(service, "n-a", cpus=1)
+    job = submit(service)
+    service.schedule_round()
+    (ref,) = assigned(a)
+    b = join(service, "n-b", cpus=1)
+    service.agent_disconnected(a)
+    clock.advance(0.5)
+    return b, job, ref
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
@@ -237,13 +267,7 @@ def test_lost_work_goes_first_and_does_not_count_against_retries(
 def test_a_requeued_task_goes_to_another_node(
     service: CoordinatorService, clock: FakeClock
 ) -> None:
-    a = join(service, "n-a", cpus=1)
-    job = submit(service)
-    service.schedule_round()
-    (ref,) = assigned(a)
-    b = join(service, "n-b", cpus=1)
-    service.agent_disconnected(a)
-    clock.advance(0.5)
+    b, job, ref = task_on_a_then_a_disconnects(service, clock)
     service.check_liveness()
     service.schedule_round()
     (moved,) = assigned(b)
@@ -256,23 +280,8 @@ def test_a_node_loss_whose_commit_fails_is_retried_and_strands_nothing(
 ) -> None:
     """A store error while a node is declared lost (a full disk, say) must not leave the node
     lost with its work still on it: it is declared lost again, and its work moved, next tick."""
-    a = join(service, "n-a", cpus=1)
-    job = submit(service)
-    service.schedule_round()
-    (ref,) = assigned(a)
-    b = join(service, "n-b", cpus=1)
-    service.agent_disconnected(a)
-    clock.advance(0.5)
-
-    real_requeue = service.store.requeue_node_attempts
-    failures = iter([sqlite3.OperationalError("database or disk is full")])
-
-    def failing_once(*args: Any, **kwargs: Any) -> list[int]:
-        for error in failures:
-            raise error
-        return real_requeue(*args, **kwargs)
-
-    monkeypatch.setattr(service.store, "requeue_node_attempts", failing_once)
+    b, job, ref = task_on_a_then_a_disconnects(service, clock)
+    fail_store_calls(monkeypatch, service, "requeue_node_attempts", times=1)
     service.check_liveness()
     # Nothing of the loss was kept: the node is not lost, its task is where it was.
     assert node_state(service, "n-a") is NodeState.SUSPECT
@@ -773,15 +782,7 @@ def test_a_failed_scheduling_round_is_retried_without_waiting_for_another_kick(
     """A round that fails (a store error) spends the kick that asked for it; in a quiet mesh
     none may follow, so the loop must try again by itself or the queue waits for ever."""
     a = join(service, "n-a", cpus=1)
-    real_assign = service.store.assign
-    failures = iter([sqlite3.OperationalError("disk I/O error")] * 2)
-
-    def failing_twice(*args: Any, **kwargs: Any) -> Any:
-        for error in failures:
-            raise error
-        return real_assign(*args, **kwargs)
-
-    monkeypatch.setattr(service.store, "assign", failing_twice)
+    fail_store_calls(monkeypatch, service, "assign", times=2)
     job = submit(service)  # its own placement fails (1), and kicks the loop
     assert task_of(service, job).state is TaskState.PENDING
 

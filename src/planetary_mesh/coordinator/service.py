@@ -502,9 +502,10 @@ class CoordinatorService:
         watched = [n for n in self.liveness.values() if n.state is not NodeState.LOST]
         for change in liveness_changes(watched, ticks, self.policy):
             record = self.liveness[change.node_id]
+            heard_at = now - (ticks - record.last_heard)  # as wall time, for the store
             if change.state is NodeState.LOST:
                 try:
-                    self._node_lost(record, change.reason, now - (ticks - record.last_heard))
+                    self._node_lost(record, change.reason, heard_at)
                 except Exception:
                     # Nothing of the loss was kept (memory or store): the node is still
                     # watched, so the next tick declares it lost again and retries.
@@ -514,7 +515,6 @@ class CoordinatorService:
                 record.node_id, change.state, record.connected, record.last_heard,
                 record.not_lost_before,
             )  # fmt: skip
-            heard_at = now - (ticks - record.last_heard)  # as wall time, for the store
             self.store.update_node(change.node_id, state=change.state, now=heard_at)
             self.event(
                 "node_suspect", f"node {change.node_id}: {change.reason}", node_id=change.node_id
